@@ -1,0 +1,199 @@
+"""The only module that writes registry SQL.
+
+Functions take an open session and the acting person, and raise
+``RegistryError`` with a sentence that names the problem; the caller commits
+(together with the audit event that records the change) or rolls back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from consent_registry.addresses import AddressError, parse_address
+from consent_registry.models import PatientAddress, User, UserAddress
+from consent_registry.passwords import WeakPasswordError, hash_password
+from policies.facts import Role, SenderFacts
+
+_USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class RegistryError(Exception):
+    """Bad input or a missing record; the message is shown to the admin as is."""
+
+
+class NotFoundError(RegistryError):
+    pass
+
+
+@dataclass(frozen=True)
+class UserView:
+    id: int
+    username: str
+    role: Role
+    addresses: tuple[str, ...]
+    disabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class LoginRecord:
+    """What AUTH needs: who the login is, and the hash to check against."""
+
+    sender: SenderFacts
+    password_hash: str
+    disabled: bool
+
+
+def _role(value: str) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        allowed = ", ".join(r.value for r in Role)
+        raise RegistryError(f"role must be one of {allowed}, not {value!r}") from None
+
+
+def _hash(password: str) -> str:
+    try:
+        return hash_password(password)
+    except WeakPasswordError as exc:
+        raise RegistryError(str(exc)) from None
+
+
+def add_user(
+    session: Session,
+    username: str,
+    addresses: Sequence[str],
+    role: str,
+    password: str,
+    actor: str,
+    now: datetime,
+) -> UserView:
+    if not _USERNAME.match(username):
+        raise RegistryError(
+            f"user name {username!r} must be 1-64 characters of a-z, 0-9, '.', '_' or '-'"
+        )
+    if session.exec(select(User).where(User.username == username)).first() is not None:
+        raise RegistryError(f"user {username!r} already exists")
+    if not addresses:
+        raise RegistryError("a user needs at least one --address to send as")
+    parsed = []
+    for text in addresses:
+        try:
+            parsed.append(parse_address(text))
+        except AddressError as exc:
+            raise RegistryError(f"address {text!r}: {exc}") from None
+    keys = [a.key for a in parsed]
+    if len(set(keys)) != len(keys):
+        raise RegistryError("the same address is given twice")
+    _refuse_taken_addresses(session, keys)
+    user = User(
+        username=username,
+        role=_role(role).value,
+        password_hash=_hash(password),
+        created_at=now,
+        created_by=actor,
+    )
+    session.add(user)
+    session.flush()
+    assert user.id is not None
+    for address in parsed:
+        session.add(UserAddress(user_id=user.id, address=address.written, address_key=address.key))
+    session.flush()
+    return _view(session, user)
+
+
+def _refuse_taken_addresses(session: Session, keys: Sequence[str]) -> None:
+    owned = session.exec(
+        select(UserAddress.address, User.username)
+        .join(User, col(User.id) == UserAddress.user_id)
+        .where(col(UserAddress.address_key).in_(keys))
+    ).first()
+    if owned is not None:
+        raise RegistryError(f"address {owned[0]} already belongs to user {owned[1]!r}")
+    patient = session.exec(
+        select(PatientAddress.address).where(col(PatientAddress.address_key).in_(keys))
+    ).first()
+    if patient is not None:
+        raise RegistryError(
+            f"address {patient} is a patient's address; professional and personal "
+            "accounts are kept separate"
+        )
+
+
+def _get_user(session: Session, username: str) -> User:
+    user = session.exec(select(User).where(User.username == username)).first()
+    if user is None:
+        raise NotFoundError(f"no user {username!r}")
+    return user
+
+
+def _view(session: Session, user: User) -> UserView:
+    assert user.id is not None
+    addresses = session.exec(
+        select(UserAddress.address)
+        .where(UserAddress.user_id == user.id)
+        .order_by(col(UserAddress.id))
+    ).all()
+    return UserView(
+        id=user.id,
+        username=user.username,
+        role=Role(user.role),
+        addresses=tuple(addresses),
+        disabled=user.disabled,
+        created_at=user.created_at,
+    )
+
+
+def list_users(session: Session) -> list[UserView]:
+    users = session.exec(select(User).order_by(col(User.username))).all()
+    return [_view(session, user) for user in users]
+
+
+def disable_user(session: Session, username: str, actor: str, now: datetime) -> UserView:
+    user = _get_user(session, username)
+    if user.disabled:
+        raise RegistryError(f"user {username!r} is already disabled")
+    user.disabled = True
+    user.disabled_at = now
+    user.disabled_by = actor
+    session.add(user)
+    session.flush()
+    return _view(session, user)
+
+
+def set_password(session: Session, username: str, password: str) -> UserView:
+    user = _get_user(session, username)
+    user.password_hash = _hash(password)
+    session.add(user)
+    session.flush()
+    return _view(session, user)
+
+
+def login_record(session: Session, login: str) -> LoginRecord | None:
+    """The account for an AUTH login: a user name, or one of the user's addresses."""
+    user = session.exec(select(User).where(User.username == login.lower())).first()
+    if user is None and "@" in login:
+        try:
+            key = parse_address(login).key
+        except AddressError:
+            return None
+        user = session.exec(
+            select(User)
+            .join(UserAddress, col(UserAddress.user_id) == User.id)
+            .where(UserAddress.address_key == key)
+        ).first()
+    if user is None:
+        return None
+    assert user.id is not None
+    keys = session.exec(select(UserAddress.address_key).where(UserAddress.user_id == user.id)).all()
+    sender = SenderFacts(username=user.username, role=Role(user.role), address_keys=frozenset(keys))
+    return LoginRecord(sender=sender, password_hash=user.password_hash, disabled=user.disabled)
+
+
+def count_users(session: Session) -> int:
+    return len(session.exec(select(User.id)).all())

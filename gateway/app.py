@@ -1,0 +1,216 @@
+"""The composition root: the only place that wires the stages together.
+
+``initialise`` prepares a data directory (idempotent: what exists is kept,
+never replaced). ``Gateway`` builds the SMTP listeners, the intake and the
+delivery worker from settings, recovers the spool, and runs until stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import warnings
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from consent_registry.db import make_engine, migrate
+from gateway.auth import Authenticator
+from gateway.crypto_at_rest import load_or_create_key
+from gateway.delivery import DeliveryWorker
+from gateway.intake import Intake
+from gateway.queue import QueueStore, RetryPolicy
+from gateway.relay import OutboxRelay, Relay, SmtpRelay
+from gateway.settings import ListenAddress, Settings
+from gateway.smtp import ConnectionLimiter, SubmissionHandler, SubmissionProtocol
+from gateway.spool import Spool
+from gateway.tls import (
+    client_context,
+    create_dev_certificate,
+    dev_certificate_paths,
+    server_context,
+)
+from policies.facts import PolicySettings
+from policies.throttle import AuthThrottle
+
+log = logging.getLogger(__name__)
+
+CLAIM_LEASE = timedelta(minutes=10)
+
+# The implicit-TLS listener offers AUTH without STARTTLS because the whole
+# connection is TLS already; aiosmtpd warns about that setting on every
+# connection, which is noise here.
+warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+@dataclass
+class InitReport:
+    created: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+def tls_files(settings: Settings) -> tuple[Path, Path]:
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        return settings.tls_cert, settings.tls_key
+    return dev_certificate_paths(settings.tls_dir)
+
+
+def initialise(settings: Settings) -> InitReport:
+    """Data directory, storage key, dev certificate and schema, as needed."""
+    report = InitReport()
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_file = settings.keys_dir / "storage.key"
+    _, created = load_or_create_key(key_file, _configured_key(settings))
+    if settings.storage_key is not None:
+        report.kept.append("storage key (from CGW_STORAGE_KEY)")
+    else:
+        (report.created if created else report.kept).append(f"storage key {key_file}")
+    cert, key = tls_files(settings)
+    if settings.tls_cert is None and not (cert.exists() and key.exists()):
+        create_dev_certificate(settings.tls_dir, settings.hostname)
+        report.created.append(f"self-signed TLS certificate {cert}")
+    else:
+        report.kept.append(f"TLS certificate {cert}")
+    Spool.prepare(settings.spool_dir)
+    engine = make_engine(settings.database_url)
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    report.kept.append("database schema (migrated to the newest revision)")
+    return report
+
+
+def _configured_key(settings: Settings) -> str | None:
+    return settings.storage_key.get_secret_value() if settings.storage_key else None
+
+
+def build_relay(settings: Settings) -> Relay:
+    target = settings.delivery
+    if target.kind == "outbox":
+        return OutboxRelay(settings.outbox_dir)
+    if target.kind == "smtp":
+        return SmtpRelay(
+            target,
+            client_context(settings.delivery_ca_file),
+            settings.hostname,
+            settings.delivery_timeout.total_seconds(),
+        )
+    raise NotImplementedError("CGW_DELIVERY=mx is not available yet; use outbox or smtp://")
+
+
+@dataclass(frozen=True)
+class Listener:
+    label: str
+    address: ListenAddress
+
+
+class Gateway:
+    """One running gateway instance."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.listeners: list[Listener] = []
+        self._servers: list[asyncio.Server] = []
+        self._worker_task: asyncio.Task[None] | None = None
+        self._engine: Engine | None = None
+        self.worker: DeliveryWorker | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        relay = build_relay(settings)
+        await asyncio.to_thread(initialise, settings)
+        engine = make_engine(settings.database_url)
+        self._engine = engine
+        key, _ = load_or_create_key(settings.keys_dir / "storage.key", _configured_key(settings))
+        spool = Spool(settings.spool_dir, key)
+        queue = QueueStore(engine, settings.instance_name, CLAIM_LEASE)
+        await asyncio.to_thread(self._recover, spool, queue)
+        retry = RetryPolicy(
+            settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime
+        )
+        self.worker = DeliveryWorker(queue, spool, relay, retry)
+        handler = SubmissionHandler(
+            authenticator=Authenticator(
+                engine,
+                AuthThrottle(
+                    base_delay=settings.auth_backoff.total_seconds(),
+                    max_delay=30.0,
+                    lockout_after=settings.auth_lockout,
+                ),
+            ),
+            intake=Intake(engine, spool, settings.hostname, self.worker.wake),
+            policy=PolicySettings(practice_domains=settings.practice_domains),
+            max_recipients=settings.max_recipients,
+        )
+        cert, key_file = tls_files(settings)
+        tls = server_context(cert, key_file)
+        await self._listen("submission (STARTTLS)", settings.submission_listen, handler, tls, False)
+        if settings.smtps_listen is not None:
+            await self._listen(
+                "submission (implicit TLS)", settings.smtps_listen, handler, tls, True
+            )
+        self._worker_task = asyncio.create_task(self.worker.run())
+
+    @staticmethod
+    def _recover(spool: Spool, queue: QueueStore) -> None:
+        released = queue.release_own_claims()
+        dropped = spool.recover(queue.open_message_ids())
+        if released:
+            log.info("released %d delivery claims left by an earlier run", released)
+        if dropped:
+            log.info("removed %d spool files that were never acknowledged", len(dropped))
+
+    async def _listen(
+        self,
+        label: str,
+        address: ListenAddress,
+        handler: SubmissionHandler,
+        tls: ssl.SSLContext,
+        implicit: bool,
+    ) -> None:
+        settings = self.settings
+        limiter = ConnectionLimiter(settings.max_connections_per_client)
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> SubmissionProtocol:
+            return SubmissionProtocol(
+                handler,
+                limiter=limiter,
+                session_timeout=settings.smtp_session_timeout.total_seconds(),
+                data_size_limit=settings.max_message_size,
+                enable_SMTPUTF8=True,
+                hostname=settings.hostname,
+                ident="Consent Gateway ESMTP",
+                tls_context=None if implicit else tls,
+                timeout=settings.smtp_idle_timeout.total_seconds(),
+                auth_required=True,
+                auth_require_tls=not implicit,
+                loop=loop,
+            )
+
+        server = await loop.create_server(
+            protocol, address.host, address.port, ssl=tls if implicit else None, reuse_address=True
+        )
+        self._servers.append(server)
+        host, port = server.sockets[0].getsockname()[:2]
+        self.listeners.append(Listener(label, ListenAddress(str(host), int(port))))
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        if self._worker_task is not None:
+            self._worker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker_task
+        if self.worker is not None:
+            await self.worker.drain()
+        if self._engine is not None:
+            self._engine.dispose()

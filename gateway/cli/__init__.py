@@ -1,0 +1,1 @@
+"""The ``cgw`` command line: one module per noun, wired in ``main``."""

@@ -1,0 +1,28 @@
+"""The ``cgw`` entry point: the command tree and its error conventions.
+
+Bad input and missing records end with one line on stderr and exit code 1;
+usage errors exit with 2 (click's convention).
+"""
+
+from __future__ import annotations
+
+import click
+
+from gateway.cli.serve import config, init, serve
+from gateway.cli.user import user
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="consent-gateway", prog_name="cgw")
+def cli() -> None:
+    """Consent Gateway: consent-aware secure e-mail for medical practices."""
+
+
+cli.add_command(init)
+cli.add_command(serve)
+cli.add_command(config)
+cli.add_command(user)
+
+
+def main() -> None:
+    cli(prog_name="cgw")

@@ -1,0 +1,130 @@
+"""``cgw user``: the staff accounts that may send through the gateway."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from consent_registry import repository
+from consent_registry.repository import UserView
+from gateway.audit import AuditAction, AuditEntry, record
+from gateway.cli import context
+from gateway.cli.output import CliError, print_json, print_table
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise CliError("no password on standard input")
+        return password
+    if not sys.stdin.isatty():
+        raise CliError("no terminal to ask for the password; use --password-stdin")
+    return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+def _user_json(user: UserView) -> dict[str, object]:
+    return {
+        "id": user.id,
+        "username": user.username,
+        "role": user.role.value,
+        "addresses": list(user.addresses),
+        "disabled": user.disabled,
+        "created_at": user.created_at,
+    }
+
+
+actor_option = click.option(
+    "--actor",
+    default=context.default_actor,
+    show_default="the OS user",
+    help="Who makes the change.",
+)
+
+
+@click.group()
+def user() -> None:
+    """Staff accounts: who may send, and as which addresses."""
+
+
+@user.command("add")
+@click.argument("username")
+@click.option(
+    "--address", "addresses", multiple=True, required=True, help="A professional address."
+)
+@click.option(
+    "--role",
+    type=click.Choice(["clinician", "staff", "admin"]),
+    default="clinician",
+    show_default=True,
+)
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@actor_option
+def add(
+    username: str, addresses: tuple[str, ...], role: str, password_stdin: bool, actor: str
+) -> None:
+    """Add a user who may send as the given addresses."""
+    config = context.settings()
+    password = _read_password(password_stdin)
+    with context.transaction(config) as session:
+        now = context.now()
+        view = repository.add_user(session, username, addresses, role, password, actor, now)
+        record(
+            session,
+            AuditEntry(
+                AuditAction.USER_ADDED,
+                actor,
+                username=username,
+                detail=f"role {role}; " + ", ".join(view.addresses),
+            ),
+            now,
+        )
+    click.echo(f"added user {view.username} ({view.role.value}): {', '.join(view.addresses)}")
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_(as_json: bool) -> None:
+    """List users."""
+    config = context.settings()
+    with context.transaction(config) as session:
+        users = repository.list_users(session)
+    if as_json:
+        print_json([_user_json(u) for u in users])
+        return
+    print_table(
+        ["username", "role", "addresses", "disabled", "created"],
+        [(u.username, u.role.value, u.addresses, u.disabled, u.created_at) for u in users],
+        empty="no users yet; add one with: cgw user add NAME --address EMAIL",
+    )
+
+
+@user.command()
+@click.argument("username")
+@actor_option
+def disable(username: str, actor: str) -> None:
+    """Disable a user: they can no longer log in (the record stays)."""
+    config = context.settings()
+    with context.transaction(config) as session:
+        now = context.now()
+        repository.disable_user(session, username, actor, now)
+        record(session, AuditEntry(AuditAction.USER_DISABLED, actor, username=username), now)
+    click.echo(f"disabled user {username}")
+
+
+@user.command()
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@actor_option
+def passwd(username: str, password_stdin: bool, actor: str) -> None:
+    """Set a user's password."""
+    config = context.settings()
+    password = _read_password(password_stdin)
+    with context.transaction(config) as session:
+        now = context.now()
+        repository.set_password(session, username, password)
+        record(
+            session, AuditEntry(AuditAction.USER_PASSWORD_CHANGED, actor, username=username), now
+        )
+    click.echo(f"changed the password of {username}")

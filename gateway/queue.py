@@ -1,0 +1,271 @@
+"""The delivery queue: per-recipient state in the database, with leased claims.
+
+States: ``queued`` (new) and ``deferred`` (a 4xx or a connection failure;
+``next_attempt_at`` says when) are due for delivery; ``delivered`` and
+``failed`` are final. A worker *claims* due rows for a lease; a claim that
+is never finished (the process died) lapses when the lease expires, and an
+instance releases its own claims when it starts again. Delivery is therefore
+at least once: a message is sent twice only if the process dies between the
+next hop's 250 and the update below.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
+
+from consent_registry.db import session_scope
+from consent_registry.models import QueueMessage, QueueRecipient
+from gateway.audit import AuditAction, AuditEntry, record
+from policies.retry import expired, next_attempt
+
+
+class RecipientState(enum.StrEnum):
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+DUE_STATES = (RecipientState.QUEUED.value, RecipientState.DEFERRED.value)
+
+
+class Verdict(enum.StrEnum):
+    """What the next hop made of one recipient."""
+
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    verdict: Verdict
+    reply: str
+
+
+@dataclass(frozen=True)
+class ClaimedRecipient:
+    row_id: int
+    address: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ClaimedMessage:
+    message_id: str
+    mail_from: str
+    received_at: datetime
+    recipients: tuple[ClaimedRecipient, ...]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    backoff: timedelta
+    backoff_max: timedelta
+    lifetime: timedelta
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    message_id: str
+    mail_from: str
+    recipient: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    received_at: datetime
+    last_error: str | None
+
+
+class QueueStore:
+    def __init__(self, engine: Engine, instance: str, lease: timedelta) -> None:
+        self.engine = engine
+        self.instance = instance
+        self.lease = lease
+
+    @staticmethod
+    def enqueue(
+        session: Session,
+        message_id: str,
+        mail_from: str,
+        username: str | None,
+        size: int,
+        recipients: Sequence[str],
+        now: datetime,
+    ) -> None:
+        """Add a message and its recipients in the caller's transaction."""
+        session.add(
+            QueueMessage(
+                id=message_id, mail_from=mail_from, username=username, size=size, received_at=now
+            )
+        )
+        for address in recipients:
+            session.add(
+                QueueRecipient(
+                    message_id=message_id,
+                    address=address,
+                    state=RecipientState.QUEUED.value,
+                    next_attempt_at=now,
+                    updated_at=now,
+                )
+            )
+
+    def release_own_claims(self) -> int:
+        """At start: claims this instance held before it died are free again."""
+        with session_scope(self.engine) as session:
+            result = session.execute(
+                update(QueueRecipient)
+                .where(col(QueueRecipient.claimed_by) == self.instance)
+                .values(claimed_by=None, claimed_until=None)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def claim_due(self, now: datetime, limit: int) -> list[ClaimedMessage]:
+        with session_scope(self.engine) as session:
+            query = (
+                select(QueueRecipient)
+                .where(col(QueueRecipient.state).in_(DUE_STATES))
+                .where(col(QueueRecipient.next_attempt_at) <= now)
+                .where(
+                    (col(QueueRecipient.claimed_until).is_(None))
+                    | (col(QueueRecipient.claimed_until) < now)
+                )
+                .order_by(col(QueueRecipient.next_attempt_at))
+                .limit(limit)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = session.exec(query).all()
+            by_message: dict[str, list[ClaimedRecipient]] = defaultdict(list)
+            for row in rows:
+                row.claimed_by = self.instance
+                row.claimed_until = now + self.lease
+                session.add(row)
+                assert row.id is not None
+                by_message[row.message_id].append(
+                    ClaimedRecipient(row.id, row.address, row.attempts)
+                )
+            if not by_message:
+                return []
+            messages = session.exec(
+                select(QueueMessage).where(col(QueueMessage.id).in_(list(by_message)))
+            ).all()
+            return [
+                ClaimedMessage(m.id, m.mail_from, m.received_at, tuple(by_message[m.id]))
+                for m in messages
+            ]
+
+    def finish(
+        self,
+        claimed: ClaimedMessage,
+        results: dict[str, RecipientResult],
+        now: datetime,
+        retry: RetryPolicy,
+    ) -> bool:
+        """Record what the next hop said; True when the message is complete."""
+        with session_scope(self.engine) as session:
+            for claimed_rcpt in claimed.recipients:
+                row = session.get(QueueRecipient, claimed_rcpt.row_id)
+                assert row is not None
+                result = results[claimed_rcpt.address]
+                self._apply(session, row, result, claimed, now, retry)
+            open_rows = session.exec(
+                select(QueueRecipient.id)
+                .where(QueueRecipient.message_id == claimed.message_id)
+                .where(col(QueueRecipient.state).in_(DUE_STATES))
+            ).first()
+            if open_rows is not None:
+                return False
+            message = session.get(QueueMessage, claimed.message_id)
+            assert message is not None
+            message.done_at = now
+            session.add(message)
+            return True
+
+    def _apply(
+        self,
+        session: Session,
+        row: QueueRecipient,
+        result: RecipientResult,
+        claimed: ClaimedMessage,
+        now: datetime,
+        retry: RetryPolicy,
+    ) -> None:
+        verdict, reply = result.verdict, result.reply
+        if verdict is Verdict.DEFERRED and expired(claimed.received_at, now, retry.lifetime):
+            verdict, reply = Verdict.FAILED, f"queue lifetime exceeded; last error: {reply}"
+        row.attempts += 1
+        row.last_error = None if verdict is Verdict.DELIVERED else reply
+        row.claimed_by = None
+        row.claimed_until = None
+        row.updated_at = now
+        if verdict is Verdict.DEFERRED:
+            row.state = RecipientState.DEFERRED.value
+            row.next_attempt_at = next_attempt(
+                row.attempts, now, retry.backoff, retry.backoff_max, random.random()
+            )
+            action = AuditAction.MESSAGE_DEFERRED
+        elif verdict is Verdict.DELIVERED:
+            row.state = RecipientState.DELIVERED.value
+            action = AuditAction.MESSAGE_DELIVERED
+        else:
+            row.state = RecipientState.FAILED.value
+            action = AuditAction.MESSAGE_FAILED
+        session.add(row)
+        record(
+            session,
+            AuditEntry(
+                action=action,
+                actor="gateway",
+                message_id=claimed.message_id,
+                queue_id=row.id,
+                recipient=row.address,
+                detail=reply,
+            ),
+            now,
+        )
+
+    def open_message_ids(self) -> set[str]:
+        """Messages not yet complete: their spool files must be kept."""
+        with Session(self.engine) as session:
+            ids = session.exec(select(QueueMessage.id).where(col(QueueMessage.done_at).is_(None)))
+            return set(ids.all())
+
+    def next_due(self) -> datetime | None:
+        with Session(self.engine) as session:
+            return session.exec(
+                select(QueueRecipient.next_attempt_at)
+                .where(col(QueueRecipient.state).in_(DUE_STATES))
+                .order_by(col(QueueRecipient.next_attempt_at))
+                .limit(1)
+            ).first()
+
+    def pending(self) -> list[QueueRow]:
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(QueueRecipient, QueueMessage)
+                .join(QueueMessage, col(QueueMessage.id) == QueueRecipient.message_id)
+                .where(col(QueueRecipient.state).in_(DUE_STATES))
+                .order_by(col(QueueMessage.received_at), col(QueueRecipient.id))
+            ).all()
+            return [
+                QueueRow(
+                    message_id=m.id,
+                    mail_from=m.mail_from,
+                    recipient=r.address,
+                    state=r.state,
+                    attempts=r.attempts,
+                    next_attempt_at=r.next_attempt_at,
+                    received_at=m.received_at,
+                    last_error=r.last_error,
+                )
+                for r, m in rows
+            ]

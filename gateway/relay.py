@@ -1,0 +1,150 @@
+"""Handing a message to the next hop: a narrow Relay protocol, two implementations.
+
+``OutboxRelay`` writes files under ``data_dir/outbox`` (the embedded default:
+one ``ID.eml`` as it would go on the wire, beside ``ID.json`` with the
+envelope; a repeated delivery of the same message rewrites the same files).
+``SmtpRelay`` speaks SMTP with aiosmtplib and never in the clear: STARTTLS
+is demanded (``start_tls=True``; aiosmtplib's default would fall back to
+plaintext) or the connection is implicit TLS, and the certificate must
+verify for the host name. Any failure of TLS defers the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from gateway.queue import RecipientResult, Verdict
+from gateway.settings import DeliveryTarget
+
+
+class Relay(Protocol):
+    async def send(
+        self, message_id: str, mail_from: str, recipients: Sequence[str], content: bytes
+    ) -> dict[str, RecipientResult]: ...
+
+
+def verdict_for(code: int) -> Verdict:
+    if 200 <= code < 300:
+        return Verdict.DELIVERED
+    if 400 <= code < 500:
+        return Verdict.DEFERRED
+    return Verdict.FAILED
+
+
+class OutboxRelay:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def send(
+        self, message_id: str, mail_from: str, recipients: Sequence[str], content: bytes
+    ) -> dict[str, RecipientResult]:
+        await asyncio.to_thread(self._write, message_id, mail_from, recipients, content)
+        reply = f"250 written to outbox as {message_id}.eml"
+        return {r: RecipientResult(Verdict.DELIVERED, reply) for r in recipients}
+
+    def _write(
+        self, message_id: str, mail_from: str, recipients: Sequence[str], content: bytes
+    ) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        envelope = json.dumps({"mail_from": mail_from, "rcpt_to": list(recipients)}).encode()
+        _write_durably(self.directory / f"{message_id}.json", envelope)
+        _write_durably(self.directory / f"{message_id}.eml", content)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class SmtpRelay:
+    def __init__(
+        self,
+        target: DeliveryTarget,
+        tls_context: ssl.SSLContext,
+        local_hostname: str,
+        timeout: float,
+    ) -> None:
+        self.target = target
+        self.tls_context = tls_context
+        self.local_hostname = local_hostname
+        self.timeout = timeout
+
+    async def send(
+        self, message_id: str, mail_from: str, recipients: Sequence[str], content: bytes
+    ) -> dict[str, RecipientResult]:
+        client = aiosmtplib.SMTP(
+            hostname=self.target.host,
+            port=self.target.port,
+            use_tls=self.target.tls == "implicit",
+            start_tls=self.target.tls == "starttls",
+            tls_context=self.tls_context,
+            local_hostname=self.local_hostname,
+            timeout=self.timeout,
+        )
+        options = _mail_options(mail_from, recipients, content)
+        try:
+            await client.connect()
+            if self.target.username:
+                await client.login(self.target.username, self.target.password or "")
+            refused, reply = await client.sendmail(
+                mail_from, recipients, content, mail_options=options
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            return {
+                r.recipient: RecipientResult(verdict_for(r.code), f"{r.code} {r.message}")
+                for r in exc.recipients
+            }
+        except aiosmtplib.SMTPResponseException as exc:
+            result = RecipientResult(verdict_for(exc.code), f"{exc.code} {exc.message}")
+            return dict.fromkeys(recipients, result)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            result = RecipientResult(Verdict.DEFERRED, _describe_failure(exc))
+            return dict.fromkeys(recipients, result)
+        finally:
+            await _close(client)
+        results = {r: RecipientResult(Verdict.DELIVERED, f"250 {reply}") for r in recipients}
+        for address, response in refused.items():
+            results[address] = RecipientResult(
+                verdict_for(response.code), f"{response.code} {response.message}"
+            )
+        return results
+
+
+def _mail_options(mail_from: str, recipients: Sequence[str], content: bytes) -> list[str]:
+    options = []
+    if not content.isascii():
+        options.append("BODY=8BITMIME")
+    if not mail_from.isascii() or not all(r.isascii() for r in recipients):
+        options.append("SMTPUTF8")
+    return options
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate of the next hop did not verify: {exc.verify_message}"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS certificate of the next hop did not verify: {cause.verify_message}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _close(client: aiosmtplib.SMTP) -> None:
+    if client.is_connected:
+        try:
+            await client.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            client.close()

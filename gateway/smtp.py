@@ -1,0 +1,298 @@
+"""The submission front end: aiosmtpd hooks that translate, and nothing more.
+
+``SubmissionProtocol`` adds what aiosmtpd lacks for a server on the internet:
+a per-client connection cap, a 421 before an idle or overlong session is
+closed, and enhanced status codes on every reply. ``SubmissionHandler``'s
+hooks build facts, ask ``policies``, and answer with ``replies``; storing
+an accepted message is ``intake``'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+
+from consent_registry.addresses import Address, AddressError, parse_address
+from gateway import replies
+from gateway.auth import Authenticator
+from gateway.headers import (
+    HeaderError,
+    bare_line_ending,
+    parse_fields,
+    sender_addresses,
+    split_message,
+)
+from gateway.intake import Intake, StorageFullError
+from policies.decision import Outcome
+from policies.engine import decide_recipient, sender_owns
+from policies.facts import PolicySettings, SenderFacts
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionLimiter:
+    """Open connections per client address, capped."""
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self.open: Counter[str] = Counter()
+
+    def acquire(self, client: str) -> bool:
+        if self.open[client] >= self.per_client:
+            return False
+        self.open[client] += 1
+        return True
+
+    def release(self, client: str) -> None:
+        self.open[client] -= 1
+        if self.open[client] <= 0:
+            del self.open[client]
+
+
+class SubmissionEnvelope(Envelope):
+    """aiosmtpd's envelope plus the parsed recipients, for deduplication."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recipient_keys: set[str] = set()
+
+
+class SubmissionProtocol(SMTP):
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        *,
+        limiter: ConnectionLimiter,
+        session_timeout: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._limiter = limiter
+        self._session_timeout = session_timeout
+        self._client: str | None = None
+        self._rejected = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._in_ehlo = False
+
+    def _create_envelope(self) -> Envelope:
+        return SubmissionEnvelope()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Refuse source routes (<@relay:user@host>); aiosmtpd would drop the route."""
+        if arg.lstrip().startswith("<@"):
+            return None, None
+        return super()._getaddr(arg)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is not None:  # the TLS layer after STARTTLS
+            super().connection_made(transport)
+            return
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if peer else "unknown"
+        if not self._limiter.acquire(client):
+            self._rejected = True
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(replies.too_many_connections(self.hostname).encode() + b"\r\n")
+            transport.close()
+            return
+        self._client = client
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(
+            self._session_timeout, self._close_with, replies.session_timeout(self.hostname)
+        )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._rejected:
+            return
+        if self._client is not None:
+            self._limiter.release(self._client)
+            self._client = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._rejected:
+            return False
+        return super().eof_received()
+
+    def _timeout_cb(self) -> None:
+        self._close_with(replies.idle_timeout(self.hostname))
+
+    def _close_with(self, reply: str) -> None:
+        """Say why before closing: aiosmtpd alone would just hang up."""
+        if self.transport is None:
+            return
+        with contextlib.suppress(RuntimeError, OSError):
+            self._writer.write(reply.encode() + b"\r\n")
+        self.transport.close()
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and not self._in_ehlo:
+            status = replies.enhance(status)
+        await super().push(status)
+
+
+@dataclass
+class SubmissionHandler:
+    """The hooks aiosmtpd calls; each is a short translation."""
+
+    authenticator: Authenticator
+    intake: Intake
+    policy: PolicySettings
+    max_recipients: int
+    _log: logging.Logger = field(default=log, repr=False)
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        blob = await _initial_or_challenge(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            await server.push("501 5.5.2 Malformed AUTH PLAIN response")
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        login = await _initial_or_challenge(server, args, "Username:")
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING or not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, login, password)
+
+    async def _login(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        assert server.session is not None
+        client = str(server.session.peer[0]) if server.session.peer else "unknown"
+        try:
+            outcome = await self.authenticator.authenticate(
+                client, login.decode("utf-8"), password.decode("utf-8")
+            )
+        except UnicodeDecodeError:
+            await server.push(replies.AUTH_INVALID)
+            return AuthResult(success=False, handled=True)
+        if outcome.sender is None:
+            await server.push(
+                replies.AUTH_LOCKED_OUT if outcome.locked_out else replies.AUTH_INVALID
+            )
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=True, auth_data=outcome.sender, message=replies.AUTH_OK)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        sender = _sender(session)
+        parsed, refusal = _parse(address, "SMTPUTF8" in options)
+        if parsed is None:
+            return refusal
+        if not sender_owns(sender, parsed.key):
+            return replies.sender_not_owned(address)
+        envelope.mail_from = parsed.written
+        envelope.mail_options.extend(options)
+        envelope.smtp_utf8 = "SMTPUTF8" in options
+        return replies.SENDER_OK
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        assert isinstance(envelope, SubmissionEnvelope)
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        parsed, refusal = _parse(address, envelope.smtp_utf8)
+        if parsed is None:
+            return refusal
+        decision = decide_recipient(_sender(session), parsed.recipient_facts(), self.policy)
+        if decision.outcome is not Outcome.ALLOW:
+            await self.intake.record_refusal(_sender(session), parsed.written, decision)
+            return replies.decision(decision, parsed.written)
+        if parsed.key not in envelope.recipient_keys:
+            envelope.recipient_keys.add(parsed.key)
+            envelope.rcpt_tos.append(parsed.written)
+            envelope.rcpt_options.extend(options)
+        return replies.RECIPIENT_OK
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        kind = bare_line_ending(content)
+        if kind is not None:
+            return replies.bare_line_ending(kind)
+        sender = _sender(session)
+        try:
+            for address in sender_addresses(parse_fields(split_message(content)[0])):
+                if not _owned(sender, address):
+                    return replies.header_sender_not_owned(address)
+        except HeaderError as exc:
+            return replies.bad_header(str(exc))
+        assert envelope.mail_from is not None
+        try:
+            message_id = await self.intake.accept(
+                sender, envelope.mail_from, envelope.rcpt_tos, content
+            )
+        except StorageFullError:
+            return replies.STORAGE_FULL
+        return replies.queued(message_id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A fault in the gateway is temporary for the client: never a 500."""
+        self._log.error("SMTP session fault: %s", error, exc_info=error)
+        return replies.TEMPORARY_FAULT
+
+
+async def _initial_or_challenge(server: SMTP, args: list[str], prompt: str) -> bytes | None:
+    """The client's first AUTH response, sent inline or after a 334 prompt."""
+    if len(args) > 1:
+        try:
+            return base64.b64decode(args[1], validate=True)
+        except (binascii.Error, ValueError):
+            await server.push("501 5.5.2 Cannot decode base64")
+            return None
+    answer = await server.challenge_auth(prompt)
+    return answer if isinstance(answer, bytes) else None
+
+
+def _sender(session: Session) -> SenderFacts:
+    assert isinstance(session.auth_data, SenderFacts)
+    return session.auth_data
+
+
+def _parse(address: str, smtputf8: bool) -> tuple[Address | None, str]:
+    if not address.isascii() and not smtputf8:
+        return None, replies.NEEDS_SMTPUTF8
+    try:
+        return parse_address(address), ""
+    except AddressError as exc:
+        return None, replies.bad_address(address, str(exc))
+
+
+def _owned(sender: SenderFacts, address: str) -> bool:
+    try:
+        return sender_owns(sender, parse_address(address).key)
+    except AddressError:
+        return False
