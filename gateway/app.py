@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 CLAIM_LEASE = timedelta(minutes=10)
 
-# The implicit-TLS listener offers AUTH without STARTTLS because the whole
-# connection is TLS already; aiosmtpd warns about that setting on every
-# connection, which is noise here.
-warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
@@ -179,6 +175,14 @@ class Gateway:
         loop = asyncio.get_running_loop()
 
         def protocol() -> SubmissionProtocol:
+            # The implicit-TLS listener offers AUTH without STARTTLS because the
+            # whole connection is TLS already; aiosmtpd warns about that setting
+            # on every connection, which is noise here.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+                return _protocol()
+
+        def _protocol() -> SubmissionProtocol:
             return SubmissionProtocol(
                 handler,
                 limiter=limiter,

@@ -28,10 +28,14 @@ class AuthVerdict:
 
 
 def auth_verdict(recent_failures: int, throttle: AuthThrottle) -> AuthVerdict:
-    """How to treat an AUTH attempt after ``recent_failures`` failures."""
-    if recent_failures >= throttle.lockout_after:
-        return AuthVerdict(locked_out=True, delay=throttle.max_delay)
+    """How to treat an AUTH attempt after ``recent_failures`` failures.
+
+    ``delay`` is how long to wait before answering a failure; ``locked_out``
+    means the attempt is refused without looking at the password at all.
+    """
+    locked_out = recent_failures >= throttle.lockout_after
     if recent_failures == 0:
-        return AuthVerdict(locked_out=False, delay=0.0)
-    delay = min(throttle.base_delay * 2 ** (recent_failures - 1), throttle.max_delay)
-    return AuthVerdict(locked_out=False, delay=delay)
+        return AuthVerdict(locked_out=locked_out, delay=0.0)
+    exponent = min(recent_failures - 1, 32)
+    delay = min(throttle.base_delay * float(1 << exponent), throttle.max_delay)
+    return AuthVerdict(locked_out=locked_out, delay=delay)

@@ -1,0 +1,187 @@
+"""Fixtures: a database per test (SQLite and PostgreSQL), settings, a running gateway."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import ssl
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from consent_registry.db import make_engine, migrate, session_scope
+from consent_registry.repository import add_user
+from gateway.app import initialise
+from gateway.settings import Settings
+from tests.pki import TestCA
+from tests.runner import GatewayThread
+from tests.sink import Sink
+
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+PASSWORD = "correct horse battery staple"
+DOMAIN = "praxis.example"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No CGW_* from the caller's shell, no cgw.toml from the working directory."""
+    for name in list(os.environ):
+        if name.startswith("CGW_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+class PostgresDatabases:
+    """Per-test databases cloned from one migrated template."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.template = f"cgw_tmpl_{secrets.token_hex(4)}"
+        self.created: list[str] = []
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.template}"'))
+        engine = make_engine(self.url(self.template))
+        migrate(engine)
+        engine.dispose()
+
+    def url(self, name: str) -> str:
+        return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+    def new(self) -> str:
+        name = f"cgw_t_{secrets.token_hex(5)}"
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"'))
+        self.created.append(name)
+        return self.url(name)
+
+    def drop(self, name: str) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    def close(self) -> None:
+        for name in [*self.created, self.template]:
+            self.drop(name)
+        self.admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresDatabases | str]:
+    """The per-test database maker, or why PostgreSQL cannot be used here."""
+    try:
+        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:  # any failure to reach it means: skip, and say why
+        yield f"PostgreSQL not reachable at {make_url(POSTGRES_URL).host}: {type(exc).__name__}"
+        return
+    databases = PostgresDatabases(POSTGRES_URL)
+    yield databases
+    databases.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres: PostgresDatabases | str
+) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'data' / 'cgw.db'}"
+    if isinstance(postgres, str):
+        pytest.skip(postgres)
+    return postgres.new()
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> TestCA:
+    return TestCA("cgw test CA")
+
+
+@pytest.fixture(scope="session")
+def ca_file(test_ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    path.write_bytes(test_ca.cert_pem)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sink_tls(test_ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    cert, key = test_ca.server(["127.0.0.1", "localhost"]).write(
+        tmp_path_factory.mktemp("sink"), "sink"
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / "data",
+            "database_url": database_url,
+            "hostname": "gateway.test",
+            "instance_name": "test-instance",
+            "submission_listen": "127.0.0.1:0",
+            "smtps_listen": "127.0.0.1:0",
+            "practice_domains": DOMAIN,
+            "auth_backoff": "0s",
+            "delivery_timeout": "10s",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
+
+
+def create_user(
+    settings: Settings, username: str, addresses: list[str], role: str = "clinician"
+) -> None:
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            add_user(session, username, addresses, role, PASSWORD, "test", datetime.now(UTC))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def sink(sink_tls: ssl.SSLContext) -> Iterator[Sink]:
+    running = Sink(sink_tls).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def start_gateway() -> Iterator[Callable[[Settings], GatewayThread]]:
+    started: list[GatewayThread] = []
+
+    def start(settings: Settings) -> GatewayThread:
+        initialise(settings)
+        create_user(settings, "drsmith", [f"dr.smith@{DOMAIN}"])
+        running = GatewayThread(settings).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def gateway(
+    sink: Sink,
+    ca_file: Path,
+    make_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], GatewayThread],
+) -> GatewayThread:
+    """A gateway relaying over verified STARTTLS to the test sink."""
+    return start_gateway(
+        make_settings(delivery=f"smtp://127.0.0.1:{sink.port}", delivery_ca_file=ca_file)
+    )

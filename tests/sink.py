@@ -1,0 +1,116 @@
+"""A next hop for tests: an aiosmtpd server on 127.0.0.1 that records what it gets.
+
+It offers STARTTLS with a certificate from the test CA (or no TLS at all), can
+answer RCPT and DATA with scripted replies, and can stall before its greeting
+to hold a delivery in flight. Runs on its own event loop in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass(frozen=True)
+class Received:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    content: bytes
+    tls: bool
+
+
+@dataclass
+class SinkHandler:
+    received: list[Received] = field(default_factory=list)
+    data_replies: list[str] = field(default_factory=list)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.rcpt_replies.get(address)
+        if reply is not None and not reply.startswith("250"):
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_replies:
+            reply = self.data_replies.pop(0)
+            if not reply.startswith("250"):
+                return reply
+        with self.changed:
+            self.received.append(
+                Received(
+                    envelope.mail_from or "",
+                    tuple(envelope.rcpt_tos),
+                    envelope.original_content or b"",
+                    session.ssl is not None,
+                )
+            )
+            self.changed.notify_all()
+        return "250 OK stored"
+
+    def wait_for(self, count: int, timeout: float = 30) -> list[Received]:
+        with self.changed:
+            if not self.changed.wait_for(lambda: len(self.received) >= count, timeout):
+                raise AssertionError(f"sink got {len(self.received)} messages, expected {count}")
+            return list(self.received)
+
+
+class Sink:
+    """Start with ``start()``; ``port`` is the bound port."""
+
+    def __init__(self, tls: ssl.SSLContext | None, stall: bool = False, **handler: Any) -> None:
+        self.handler = SinkHandler(**handler)
+        self.tls = tls
+        self.stall = stall
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.connections = 0
+
+    def _protocol(self) -> asyncio.Protocol:
+        self.connections += 1
+        if self.stall:
+            return asyncio.Protocol()  # accepts, never greets
+        return SMTP(
+            self.handler,
+            tls_context=self.tls,
+            require_starttls=self.tls is not None,
+            hostname="sink.test",
+            loop=self.loop,
+        )
+
+    def start(self) -> Sink:
+        self.thread.start()
+
+        async def listen() -> asyncio.Server:
+            return await self.loop.create_server(self._protocol, "127.0.0.1", 0)
+
+        self.server = asyncio.run_coroutine_threadsafe(listen(), self.loop).result(10)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self.server is not None
+            self.server.close()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def received(self) -> list[Received]:
+        return list(self.handler.received)
+
+    def wait_for(self, count: int, timeout: float = 30) -> list[Received]:
+        return self.handler.wait_for(count, timeout)
