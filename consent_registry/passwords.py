@@ -6,14 +6,20 @@ runs it off the event loop.
 
 from __future__ import annotations
 
+from functools import cache
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 MIN_PASSWORD_LENGTH = 10
 
 _hasher = PasswordHasher()
-# Verifying against this keeps the timing of an unknown login like a known one.
-_DUMMY_HASH = _hasher.hash("cgw-timing-equaliser")
+
+
+@cache
+def _dummy_hash() -> str:
+    """Verifying against this keeps the timing of an unknown login like a known one."""
+    return _hasher.hash("cgw-timing-equaliser")
 
 
 class WeakPasswordError(ValueError):
@@ -29,6 +35,8 @@ def hash_password(password: str) -> str:
 def verify_password(password_hash: str | None, password: str) -> bool:
     """True when ``password`` matches; a missing hash costs the same time."""
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return (
+            _hasher.verify(password_hash or _dummy_hash(), password) and password_hash is not None
+        )
     except (VerificationError, InvalidHashError):
         return False

@@ -54,10 +54,11 @@ class PostgresDatabases:
     def url(self, name: str) -> str:
         return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
 
-    def new(self) -> str:
+    def new(self, migrated: bool = True) -> str:
         name = f"cgw_t_{secrets.token_hex(5)}"
+        template = self.template if migrated else "template0"
         with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
         self.created.append(name)
         return self.url(name)
 
@@ -95,7 +96,12 @@ def database_url(
         return f"sqlite:///{tmp_path / 'data' / 'cgw.db'}"
     if isinstance(postgres, str):
         pytest.skip(postgres)
-    return postgres.new()
+    return postgres.new(migrated="blank_database" not in request.fixturenames)
+
+
+@pytest.fixture
+def blank_database() -> None:
+    """Ask for this beside ``database_url`` to get a database with no schema yet."""
 
 
 @pytest.fixture(scope="session")

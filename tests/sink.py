@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,19 @@ class SinkHandler:
 class Sink:
     """Start with ``start()``; ``port`` is the bound port."""
 
-    def __init__(self, tls: ssl.SSLContext | None, stall: bool = False, **handler: Any) -> None:
+    def __init__(
+        self,
+        tls: ssl.SSLContext | None,
+        stall: bool = False,
+        implicit: bool = False,
+        credentials: tuple[str, str] | None = None,
+        **handler: Any,
+    ) -> None:
         self.handler = SinkHandler(**handler)
         self.tls = tls
         self.stall = stall
+        self.implicit = implicit
+        self.credentials = credentials
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: asyncio.Server | None = None
@@ -83,17 +92,28 @@ class Sink:
             return asyncio.Protocol()  # accepts, never greets
         return SMTP(
             self.handler,
-            tls_context=self.tls,
-            require_starttls=self.tls is not None,
+            tls_context=None if self.implicit else self.tls,
+            require_starttls=self.tls is not None and not self.implicit,
+            auth_required=self.credentials is not None,
+            auth_require_tls=not self.implicit,
+            authenticator=self._authenticate if self.credentials else None,
             hostname="sink.test",
             loop=self.loop,
         )
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        given = (data.login.decode(), data.password.decode())
+        return AuthResult(success=given == self.credentials)
 
     def start(self) -> Sink:
         self.thread.start()
 
         async def listen() -> asyncio.Server:
-            return await self.loop.create_server(self._protocol, "127.0.0.1", 0)
+            return await self.loop.create_server(
+                self._protocol, "127.0.0.1", 0, ssl=self.tls if self.implicit else None
+            )
 
         self.server = asyncio.run_coroutine_threadsafe(listen(), self.loop).result(10)
         self.port = self.server.sockets[0].getsockname()[1]

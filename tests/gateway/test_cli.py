@@ -1,0 +1,237 @@
+"""The ``cgw`` command line, run as an admin runs it: a real process, real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from consent_registry.db import make_engine
+from consent_registry.models import AuditEvent
+
+CGW = str(Path(sys.executable).with_name("cgw"))
+PASSWORD = "a long enough password"
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cgw(tmp_path: Path, database_url: str) -> Run:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
+    env.update(
+        CGW_DATA_DIR=str(tmp_path / "data"),
+        CGW_DATABASE_URL=database_url,
+        CGW_HOSTNAME="gateway.test",
+    )
+
+    def run(
+        *args: str, stdin: str = "", extra: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CGW, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, **(extra or {})},
+            cwd=tmp_path,
+        )
+
+    return run
+
+
+@pytest.fixture
+def initialised(cgw: Run) -> Run:
+    result = cgw("init")
+    assert result.returncode == 0, result.stderr
+    return cgw
+
+
+def _error_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def _actions(database_url: str) -> list[tuple[str, str, str | None]]:
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            rows = session.exec(select(AuditEvent).order_by(AuditEvent.seq)).all()
+            return [(r.action, r.actor, r.username) for r in rows]
+    finally:
+        engine.dispose()
+
+
+def test_help_lists_the_commands(cgw: Run) -> None:
+    result = cgw("--help")
+    assert result.returncode == 0
+    for command in ("init", "serve", "config", "user"):
+        assert command in result.stdout
+
+
+def test_init_prepares_everything_once_and_never_overwrites(cgw: Run, tmp_path: Path) -> None:
+    first = cgw("init")
+    assert first.returncode == 0, first.stderr
+    assert "created  storage key" in first.stdout
+    assert "created  self-signed TLS certificate" in first.stdout
+    assert "Connection security:  STARTTLS" in first.stdout
+    key = tmp_path / "data" / "keys" / "storage.key"
+    cert = tmp_path / "data" / "tls" / "dev-cert.pem"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    before = key.read_bytes(), cert.read_bytes()
+    second = cgw("init")
+    assert second.returncode == 0, second.stderr
+    assert "created" not in second.stdout
+    assert (key.read_bytes(), cert.read_bytes()) == before
+
+
+@pytest.mark.usefixtures("blank_database")
+def test_commands_before_init_say_what_to_do(cgw: Run) -> None:
+    result = cgw("user", "list")
+    assert result.returncode == 1
+    assert "run 'cgw init'" in _error_line(result)
+
+
+def test_config_show_masks_secrets(cgw: Run) -> None:
+    result = cgw(
+        "config",
+        "show",
+        "--json",
+        extra={
+            "CGW_DELIVERY": "smtp://relay:hunter2secret@smtp.example:587",
+            "CGW_STORAGE_KEY": "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY=",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["CGW_DELIVERY"] == "smtp://relay:****@smtp.example:587?tls=starttls"
+    assert shown["CGW_STORAGE_KEY"] == "****"
+    assert "hunter2secret" not in result.stdout
+    table = cgw("config", "show")
+    assert "CGW_MAX_MESSAGE_SIZE" in table.stdout and "26214400" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("CGW_MAX_RECIPIENTS", "0", "invalid setting CGW_MAX_RECIPIENTS:"),
+        ("CGW_DELIVERY", "smtp://relay:25?tls=none", "invalid setting CGW_DELIVERY:"),
+        ("CGW_PRACTISE_DOMAINS", "typo.example", "invalid setting CGW_PRACTISE_DOMAINS: unknown"),
+    ],
+)
+def test_bad_settings_stop_with_one_line(cgw: Run, name: str, value: str, message: str) -> None:
+    for command in (("config", "show"), ("serve",)):
+        result = cgw(*command, extra={name: value})
+        assert result.returncode == 1
+        assert _error_line(result).startswith(f"cgw: error: {message}")
+
+
+def test_user_lifecycle_is_recorded_in_the_audit_log(initialised: Run, database_url: str) -> None:
+    cgw = initialised
+    added = cgw(
+        "user",
+        "add",
+        "drsmith",
+        "--address",
+        "Dr.Smith@Praxis.Example",
+        "--address",
+        "smith@praxis.example",
+        "--password-stdin",
+        "--actor",
+        "it-admin",
+        stdin=PASSWORD,
+    )
+    assert added.returncode == 0, added.stderr
+    assert "added user drsmith (clinician)" in added.stdout
+    listed = cgw("user", "list", "--json")
+    (user,) = json.loads(listed.stdout)
+    assert user["addresses"] == ["Dr.Smith@Praxis.Example", "smith@praxis.example"]
+    assert (user["role"], user["disabled"]) == ("clinician", False)
+    table = cgw("user", "list").stdout
+    assert table.splitlines()[0].split() == ["USERNAME", "ROLE", "ADDRESSES", "DISABLED", "CREATED"]
+    assert (
+        cgw(
+            "user", "passwd", "drsmith", "--password-stdin", stdin="another long password"
+        ).returncode
+        == 0
+    )
+    assert cgw("user", "disable", "drsmith").returncode == 0
+    assert json.loads(cgw("user", "list", "--json").stdout)[0]["disabled"] is True
+    actions = _actions(database_url)
+    assert [a for a, _, _ in actions] == ["user.added", "user.password_changed", "user.disabled"]
+    assert actions[0][1] == "it-admin"
+    assert all(username == "drsmith" for _, _, username in actions)
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (
+            ["user", "add", "bad name", "--address", "a@praxis.example"],
+            PASSWORD,
+            "user name 'bad name'",
+        ),
+        (
+            ["user", "add", "x", "--address", "not-an-address"],
+            PASSWORD,
+            "the address must have the form",
+        ),
+        (["user", "add", "x", "--address", "a@praxis.example"], "short", "at least 10 characters"),
+        (
+            ["user", "add", "x", "--address", "a@praxis.example"],
+            "",
+            "no password on standard input",
+        ),
+        (
+            ["user", "add", "x", "--address", "a@praxis.example", "--address", "A@praxis.example"],
+            PASSWORD,
+            "the same address is given twice",
+        ),
+        (["user", "disable", "nobody"], "", "no user 'nobody'"),
+        (["user", "passwd", "nobody"], PASSWORD, "no user 'nobody'"),
+    ],
+)
+def test_bad_user_input_is_one_line_and_exit_1(
+    initialised: Run, database_url: str, args: list[str], stdin: str, message: str
+) -> None:
+    if "--password-stdin" not in args and args[:2] != ["user", "disable"]:
+        args = [*args, "--password-stdin"]
+    result = initialised(*args, stdin=stdin)
+    assert result.returncode == 1, result.stdout
+    assert message in _error_line(result)
+    assert _actions(database_url) == []  # nothing written
+
+
+def test_duplicates_and_double_disable_are_refused(initialised: Run) -> None:
+    cgw = initialised
+    assert (
+        cgw(
+            "user", "add", "a", "--address", "a@praxis.example", "--password-stdin", stdin=PASSWORD
+        ).returncode
+        == 0
+    )
+    again = cgw(
+        "user", "add", "a", "--address", "b@praxis.example", "--password-stdin", stdin=PASSWORD
+    )
+    assert "user 'a' already exists" in _error_line(again)
+    taken = cgw(
+        "user", "add", "b", "--address", "A@Praxis.Example", "--password-stdin", stdin=PASSWORD
+    )
+    assert "already belongs to user 'a'" in _error_line(taken)
+    assert cgw("user", "disable", "a").returncode == 0
+    twice = cgw("user", "disable", "a")
+    assert twice.returncode == 1
+    assert "already disabled" in _error_line(twice)
+
+
+def test_usage_errors_exit_2(initialised: Run) -> None:
+    result = initialised("user", "add", "x")
+    assert result.returncode == 2
+    assert "--address" in result.stderr

@@ -1,0 +1,191 @@
+"""Delivery to the next hop: verified TLS or nothing, retries, per-recipient results."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import Settings
+from tests.conftest import DOMAIN, PASSWORD
+from tests.gateway.test_durability import _recipients, _wait
+from tests.pki import TestCA
+from tests.runner import GatewayThread
+from tests.sink import Sink
+
+SENDER = f"dr.smith@{DOMAIN}"
+BODY = f"From: {SENDER}\r\nTo: team@{DOMAIN}\r\nSubject: rota\r\n\r\nrota attached\r\n".encode()
+
+StartGateway = Callable[[Settings], GatewayThread]
+
+
+def _send(running: GatewayThread, recipients: list[str]) -> None:
+    client = running.logged_in("drsmith", PASSWORD)
+    assert client.sendmail(SENDER, recipients, BODY) == {}
+    client.quit()
+
+
+def _states(settings: Settings) -> dict[str, tuple[str, str | None]]:
+    return {r.address: (r.state, r.last_error) for r in _recipients(settings)}
+
+
+def _context(ca: TestCA, hosts: list[str], tmp: Path, expired: bool = False) -> ssl.SSLContext:
+    cert, key = ca.server(hosts, expired=expired).write(tmp, "hop")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _deferred_without_delivery(
+    hop: Sink,
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    expected: str,
+) -> None:
+    hop.start()
+    try:
+        settings = make_settings(delivery=f"smtp://127.0.0.1:{hop.port}", delivery_ca_file=ca_file)
+        running = start_gateway(settings)
+        _send(running, [f"team@{DOMAIN}"])
+        _wait(lambda: _states(settings).get(f"team@{DOMAIN}", ("",))[0] == "deferred", "deferral")
+        _, error = _states(settings)[f"team@{DOMAIN}"]
+        assert expected in (error or ""), error
+        assert hop.received == []
+    finally:
+        hop.stop()
+
+
+def test_next_hop_without_starttls_gets_nothing(
+    make_settings: Callable[..., Settings], start_gateway: StartGateway, ca_file: Path
+) -> None:
+    _deferred_without_delivery(
+        Sink(tls=None), make_settings, start_gateway, ca_file, "STARTTLS extension not supported"
+    )
+
+
+def test_next_hop_with_a_certificate_for_another_name_gets_nothing(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    test_ca: TestCA,
+    tmp_path: Path,
+) -> None:
+    context = _context(test_ca, ["mail.elsewhere.example"], tmp_path)
+    _deferred_without_delivery(
+        Sink(tls=context), make_settings, start_gateway, ca_file, "did not verify"
+    )
+
+
+def test_next_hop_with_an_expired_certificate_gets_nothing(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    test_ca: TestCA,
+    tmp_path: Path,
+) -> None:
+    context = _context(test_ca, ["127.0.0.1"], tmp_path, expired=True)
+    _deferred_without_delivery(
+        Sink(tls=context), make_settings, start_gateway, ca_file, "certificate has expired"
+    )
+
+
+def test_next_hop_signed_by_an_untrusted_ca_gets_nothing(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    tmp_path: Path,
+) -> None:
+    context = _context(TestCA("some other CA"), ["127.0.0.1"], tmp_path)
+    _deferred_without_delivery(
+        Sink(tls=context), make_settings, start_gateway, ca_file, "did not verify"
+    )
+
+
+def test_implicit_tls_smarthost_with_auth_receives_the_message(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    sink_tls: ssl.SSLContext,
+) -> None:
+    hop = Sink(tls=sink_tls, implicit=True, credentials=("relay-user", "relay p@ss")).start()
+    try:
+        settings = make_settings(
+            delivery=f"smtp://relay-user:relay%20p%40ss@127.0.0.1:{hop.port}?tls=implicit",
+            delivery_ca_file=ca_file,
+        )
+        running = start_gateway(settings)
+        _send(running, [f"team@{DOMAIN}"])
+        (received,) = hop.wait_for(1)
+        assert received.rcpt_tos == (f"team@{DOMAIN}",)
+    finally:
+        hop.stop()
+
+
+def test_temporary_failures_are_retried_and_delivered_once(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    sink_tls: ssl.SSLContext,
+) -> None:
+    hop = Sink(
+        tls=sink_tls, data_replies=["421 4.3.2 shutting down", "451 4.3.0 try later"]
+    ).start()
+    try:
+        settings = make_settings(
+            delivery=f"smtp://127.0.0.1:{hop.port}",
+            delivery_ca_file=ca_file,
+            retry_backoff="0.1s",
+            retry_backoff_max="0.3s",
+        )
+        running = start_gateway(settings)
+        _send(running, [f"team@{DOMAIN}"])
+        hop.wait_for(1)
+        _wait(lambda: _states(settings)[f"team@{DOMAIN}"][0] == "delivered", "delivery")
+        assert len(hop.received) == 1
+        (row,) = _recipients(settings)
+        assert row.attempts == 3
+    finally:
+        hop.stop()
+
+
+def test_permanent_refusal_fails_only_that_recipient(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    sink_tls: ssl.SSLContext,
+) -> None:
+    gone = f"left.the.practice@{DOMAIN}"
+    hop = Sink(tls=sink_tls, rcpt_replies={gone: "550 5.1.1 no such user"}).start()
+    try:
+        settings = make_settings(delivery=f"smtp://127.0.0.1:{hop.port}", delivery_ca_file=ca_file)
+        running = start_gateway(settings)
+        _send(running, [f"team@{DOMAIN}", gone])
+        (received,) = hop.wait_for(1)
+        assert received.rcpt_tos == (f"team@{DOMAIN}",)
+        _wait(lambda: _states(settings)[gone][0] == "failed", "the refusal to be recorded")
+        assert _states(settings)[gone] == ("failed", "550 5.1.1 no such user")
+        assert _states(settings)[f"team@{DOMAIN}"][0] == "delivered"
+    finally:
+        hop.stop()
+
+
+@pytest.mark.parametrize("reply", ["554 5.7.1 rejected by policy"])
+def test_permanent_refusal_of_data_fails_every_recipient(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    sink_tls: ssl.SSLContext,
+    reply: str,
+) -> None:
+    hop = Sink(tls=sink_tls, data_replies=[reply]).start()
+    try:
+        settings = make_settings(delivery=f"smtp://127.0.0.1:{hop.port}", delivery_ca_file=ca_file)
+        running = start_gateway(settings)
+        _send(running, [f"a@{DOMAIN}", f"b@{DOMAIN}"])
+        _wait(lambda: {s for s, _ in _states(settings).values()} == {"failed"}, "both to fail")
+        assert hop.received == []
+    finally:
+        hop.stop()

@@ -1,0 +1,246 @@
+"""Durability: 250 means on disk, sealed; a crash loses nothing; faults answer 4xx."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlmodel import Session, SQLModel, select
+
+from consent_registry.db import make_engine
+from consent_registry.models import QueueMessage, QueueRecipient
+from gateway.app import initialise
+from gateway.settings import Settings
+from tests.conftest import DOMAIN, PASSWORD, create_user
+from tests.runner import GatewayThread
+from tests.sink import Sink
+
+SENDER = f"dr.smith@{DOMAIN}"
+MARKER = "CONFIDENTIAL-DIAGNOSIS-7f3e9a"
+
+
+def _message(marker: str = MARKER) -> bytes:
+    return (
+        f"From: {SENDER}\r\nTo: colleague@{DOMAIN}\r\nSubject: {marker} subject\r\n\r\n"
+        f"The body says {marker}.\r\n"
+    ).encode()
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _recipients(settings: Settings) -> list[QueueRecipient]:
+    engine = make_engine(settings.database_url)
+    try:
+        with Session(engine) as session:
+            return list(session.exec(select(QueueRecipient)).all())
+    finally:
+        engine.dispose()
+
+
+def _message_done(settings: Settings, message_id: str) -> bool:
+    engine = make_engine(settings.database_url)
+    try:
+        with Session(engine) as session:
+            message = session.get(QueueMessage, message_id)
+            return message is not None and message.done_at is not None
+    finally:
+        engine.dispose()
+
+
+def _plaintext_hits(settings: Settings, marker: str) -> list[str]:
+    """Every file under data_dir and every row of every table that holds the marker."""
+    needle = marker.encode()
+    hits = [
+        str(p) for p in settings.data_dir.rglob("*") if p.is_file() and needle in p.read_bytes()
+    ]
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            for table in SQLModel.metadata.sorted_tables:
+                for row in conn.execute(table.select()):
+                    if marker in repr(tuple(row)):
+                        hits.append(f"table {table.name}")
+    finally:
+        engine.dispose()
+    return hits
+
+
+class ServeProcess:
+    """``cgw serve`` as a real process, the way an admin runs it."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        cgw = Path(sys.executable).with_name("cgw")
+        self.process = subprocess.Popen(
+            [str(cgw), "serve"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output: list[str] = []
+        self.port = 0
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            if "submission (STARTTLS)" in line and "listening on" in line:
+                self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+            if line.startswith("Stop with"):
+                break
+        assert self.port, "".join(self.output)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+
+@pytest.fixture
+def serve_env(
+    make_settings: Callable[..., Settings], ca_file: Path
+) -> Iterator[Callable[..., dict[str, str]]]:
+    def build(settings: Settings, delivery: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
+        env.update(
+            CGW_DATA_DIR=str(settings.data_dir),
+            CGW_DATABASE_URL=settings.database_url,
+            CGW_HOSTNAME="gateway.test",
+            CGW_INSTANCE_NAME="crash-test",
+            CGW_SUBMISSION_LISTEN="127.0.0.1:0",
+            CGW_SMTPS_LISTEN="",
+            CGW_PRACTICE_DOMAINS=DOMAIN,
+            CGW_DELIVERY=delivery,
+            CGW_DELIVERY_CA_FILE=str(ca_file),
+            CGW_DELIVERY_TIMEOUT="10s",
+        )
+        return env
+
+    yield build
+
+
+def _send(port: int, cafile: Path, content: bytes) -> str:
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    client.starttls(context=ssl.create_default_context(cafile=str(cafile)))
+    client.login("drsmith", PASSWORD)
+    client.mail(SENDER)
+    client.rcpt(f"colleague@{DOMAIN}")
+    code, reply = client.data(content)
+    client.quit()
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def test_sigkill_after_250_then_restart_delivers_exactly_once(
+    make_settings: Callable[..., Settings],
+    serve_env: Callable[..., dict[str, str]],
+    sink_tls: ssl.SSLContext,
+) -> None:
+    settings = make_settings()
+    initialise(settings)
+    create_user(settings, "drsmith", [SENDER])
+    stalled = Sink(sink_tls, stall=True).start()  # takes the connection, never greets
+    first = ServeProcess(serve_env(settings, f"smtp://127.0.0.1:{stalled.port}"))
+    try:
+        message_id = _send(first.port, settings.tls_dir / "dev-cert.pem", _message())
+        _wait(lambda: stalled.connections > 0, "the delivery attempt to start")
+        first.kill()
+    finally:
+        first.stop()
+        stalled.stop()
+    assert (settings.spool_dir / f"{message_id}.msg").exists()
+    assert _plaintext_hits(settings, MARKER) == []
+
+    sink = Sink(sink_tls).start()
+    second = ServeProcess(serve_env(settings, f"smtp://127.0.0.1:{sink.port}"))
+    try:
+        (received,) = sink.wait_for(1)
+        _wait(lambda: _message_done(settings, message_id), "the queue to record the delivery")
+        assert MARKER.encode() in received.content
+        assert len(sink.received) == 1
+        assert list(settings.spool_dir.glob("*.msg")) == []
+    finally:
+        second.stop()
+        sink.stop()
+
+
+def test_no_plaintext_anywhere_while_a_message_waits_in_the_spool(
+    make_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], GatewayThread],
+    ca_file: Path,
+) -> None:
+    # The next hop is down: the message is deferred and stays in the spool.
+    settings = make_settings(delivery="smtp://127.0.0.1:9", delivery_ca_file=ca_file)
+    running = start_gateway(settings)
+    client = running.logged_in("drsmith", PASSWORD)
+    client.sendmail(SENDER, [f"colleague@{DOMAIN}"], _message())
+    client.quit()
+    _wait(lambda: any(r.state == "deferred" for r in _recipients(settings)), "a deferral")
+    assert len(list(settings.spool_dir.glob("*.msg"))) == 1
+    assert _plaintext_hits(settings, MARKER) == []
+
+
+def test_spool_fault_answers_451_and_stores_nothing(
+    make_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], GatewayThread],
+    sink: Sink,
+    ca_file: Path,
+) -> None:
+    settings = make_settings(delivery=f"smtp://127.0.0.1:{sink.port}", delivery_ca_file=ca_file)
+    running = start_gateway(settings)
+    tmp = settings.spool_dir / "tmp"
+    tmp.rmdir()
+    tmp.write_bytes(b"")  # the spool's work directory is now a file: every write fails
+    client = running.logged_in("drsmith", PASSWORD)
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        client.sendmail(SENDER, [f"colleague@{DOMAIN}"], _message())
+    assert refused.value.smtp_code == 451
+    assert refused.value.smtp_error.startswith(b"4.3.0")
+    assert list(settings.spool_dir.glob("*.msg")) == []
+    assert _recipients(settings) == []
+    tmp.unlink()
+    tmp.mkdir()
+    client.sendmail(SENDER, [f"colleague@{DOMAIN}"], _message())  # healed: accepted again
+    client.quit()
+    assert len(sink.wait_for(1)) == 1
+
+
+def test_database_fault_answers_451_and_leaves_no_spool_file(
+    make_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], GatewayThread],
+    ca_file: Path,
+) -> None:
+    settings = make_settings(delivery="smtp://127.0.0.1:9", delivery_ca_file=ca_file)
+    running = start_gateway(settings)
+    client = running.logged_in("drsmith", PASSWORD)
+    engine = make_engine(settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE queue_recipient RENAME TO queue_recipient_away"))
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail(SENDER, [f"colleague@{DOMAIN}"], _message())
+        assert refused.value.smtp_code == 451
+        assert list(settings.spool_dir.glob("*.msg")) == []
+        assert list((settings.spool_dir / "tmp").iterdir()) == []
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE queue_recipient_away RENAME TO queue_recipient"))
+        engine.dispose()
+    client.quit()
