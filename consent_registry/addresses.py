@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import idna
+
 from policies.facts import RecipientFacts
 
 MAX_LOCAL_OCTETS = 64
@@ -92,15 +94,21 @@ def normalise_domain(domain: str) -> str:
     name = domain[:-1] if domain.endswith(".") else domain
     if not name:
         raise AddressError("the domain is empty")
+    if len(name.encode()) > MAX_DOMAIN_OCTETS:
+        raise AddressError(f"the domain is longer than {MAX_DOMAIN_OCTETS} octets")
     try:
-        ascii_name = name.encode("idna").decode("ascii").lower()
-    except UnicodeError as exc:
-        raise AddressError(f"the domain {domain!r} is not a valid internationalised name") from exc
+        # IDNA 2008 with UTS 46 mapping, non-transitional: "straße.de" stays
+        # distinct from "strasse.de" (Python's built-in codec is IDNA 2003).
+        ascii_name = idna.encode(name, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise AddressError(f"the domain {domain!r} is not a valid host name") from exc
     if len(ascii_name) > MAX_DOMAIN_OCTETS:
         raise AddressError(f"the domain is longer than {MAX_DOMAIN_OCTETS} octets")
     labels = ascii_name.split(".")
     if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
         raise AddressError(f"the domain {domain!r} is not a valid host name")
+    if labels[-1].isdigit():
+        raise AddressError("IP addresses are not accepted as domains")
     return ascii_name
 
 

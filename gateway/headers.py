@@ -94,6 +94,8 @@ def rewrite_header(
 ) -> bytes:
     """The message with its header block edited; the body is untouched."""
     block, rest = split_message(content)
+    if block and not block.endswith(CRLF):
+        block += CRLF
     fields = parse_fields(block)
     present = {f.name for f in fields}
     kept = [f.raw for f in fields if f.name not in remove]

@@ -101,4 +101,5 @@ def enhance(status: str) -> str:
     if not code.isdigit() or code in ("220", "334", "354") or _ENHANCED.match(status):
         return status
     enhanced = _DEFAULT_ENHANCED.get(code, f"{code[0]}.0.0")
-    return f"{code}{status[3:4]}{enhanced} {status[4:]}".rstrip()
+    separator = status[3:4] or " "
+    return f"{code}{separator}{enhanced} {status[4:]}".rstrip()

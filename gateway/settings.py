@@ -124,9 +124,12 @@ def parse_delivery(value: Any) -> DeliveryTarget:
             "tls= must be 'starttls' or 'implicit' (plaintext next hops are not supported)"
         )
     try:
-        port = url.port or (465 if tls == "implicit" else 587)
+        port = url.port
     except ValueError:
         raise ValueError("the smtp:// URL has an invalid port") from None
+    if port == 0:
+        raise ValueError("the smtp:// URL has port 0")
+    port = port or (465 if tls == "implicit" else 587)
     return DeliveryTarget(
         kind="smtp",
         host=url.hostname,
@@ -238,7 +241,17 @@ class Settings(BaseSettings):
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'cgw.db'}")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("CGW_TLS_CERT and CGW_TLS_KEY must be set together")
+            raise ValueError("CGW_TLS_CERT: must be set together with CGW_TLS_KEY")
+        for name in (
+            "queue_lifetime",
+            "retry_backoff",
+            "retry_backoff_max",
+            "delivery_timeout",
+            "smtp_idle_timeout",
+            "smtp_session_timeout",
+        ):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: must be longer than 0s")
         return self
 
     @classmethod
@@ -289,9 +302,10 @@ def config_path() -> Path | None:
 
 
 def _refuse_unknown_environment() -> None:
+    # pydantic-settings reads CGW_* case-insensitively, so typos are checked so too.
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {"CGW_CONFIG"}
     for name in sorted(os.environ):
-        if name.startswith(ENV_PREFIX) and name not in known:
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
             raise SettingsError(f"invalid setting {name}: unknown setting")
 
 
@@ -302,9 +316,10 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else "settings"
-        name = ENV_PREFIX + field.upper() if field != "settings" else "settings"
         message = str(error["msg"]).removeprefix("Value error, ")
+        if not error["loc"]:  # a check across settings names them in its message
+            raise SettingsError(f"invalid setting {message}") from None
+        name = ENV_PREFIX + str(error["loc"][0]).upper()
         if error["type"] == "extra_forbidden":
             message = "unknown setting"
         raise SettingsError(f"invalid setting {name}: {message}") from None

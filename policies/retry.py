@@ -17,10 +17,11 @@ def retry_delay(attempts: int, base: timedelta, cap: timedelta, jitter: float) -
         raise ValueError("attempts counts failed tries and starts at 1")
     if not 0.0 <= jitter < 1.0:
         raise ValueError("jitter is a draw from [0, 1)")
-    exponent = min(attempts - 1, 32)
-    raw = min(base * (1 << exponent), cap)
+    exponent = min(attempts - 1, 64)
+    # Work in float seconds: base * 2**n as a timedelta overflows long before the cap.
+    raw = min(base.total_seconds() * float(1 << exponent), cap.total_seconds())
     factor = 1.0 + JITTER_SPAN * (2.0 * jitter - 1.0)
-    return min(raw * factor, cap)
+    return timedelta(seconds=min(raw * factor, cap.total_seconds()))
 
 
 def next_attempt(

@@ -107,10 +107,12 @@ class ServeProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(30)
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM, as systemd or Docker stop it; returns the exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(30)
+        return self.process.returncode
 
 
 @pytest.fixture
@@ -176,6 +178,8 @@ def test_sigkill_after_250_then_restart_delivers_exactly_once(
         assert MARKER.encode() in received.content
         assert len(sink.received) == 1
         assert list(settings.spool_dir.glob("*.msg")) == []
+        assert "Configure your mail client" in "".join(second.output)
+        assert second.stop() == 0
     finally:
         second.stop()
         sink.stop()

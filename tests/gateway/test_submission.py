@@ -11,12 +11,14 @@ import smtplib
 import socket
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from sqlmodel import Session, select
 
-from consent_registry.db import make_engine
+from consent_registry.db import make_engine, session_scope
 from consent_registry.models import AuditEvent
+from consent_registry.users import disable_user
 from gateway.settings import Settings
 from tests.conftest import DOMAIN, PASSWORD
 from tests.runner import GatewayThread
@@ -149,11 +151,18 @@ def test_wrong_password_is_535_and_audited(gateway: GatewayThread) -> None:
 
 
 def test_unknown_and_disabled_users_get_the_same_535(gateway: GatewayThread) -> None:
-    client = gateway.smtp()
-    with pytest.raises(smtplib.SMTPAuthenticationError) as unknown:
-        client.login("nobody", PASSWORD)
-    assert unknown.value.smtp_code == 535
-    client.close()
+    engine = make_engine(gateway.settings.database_url)
+    with session_scope(engine) as session:
+        disable_user(session, "drsmith", "test", datetime.now(UTC))
+    engine.dispose()
+    for login in ("nobody", "drsmith"):
+        client = gateway.smtp()
+        token = base64.b64encode(f"\0{login}\0{PASSWORD}".encode()).decode()
+        assert client.docmd("AUTH", f"PLAIN {token}") == (
+            535,
+            b"5.7.8 Authentication credentials invalid",
+        )
+        client.close()
 
 
 def test_repeated_failures_back_off_then_lock_out_the_client(

@@ -1,0 +1,70 @@
+"""The schema: migrations on SQLite and PostgreSQL, and times that stay UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import inspect
+from sqlmodel import Session
+
+from consent_registry.db import make_engine, migrate, schema_is_current, session_scope
+from consent_registry.models import AuditEvent
+
+EXPECTED_TABLES = {
+    "user_account",
+    "user_address",
+    "patient",
+    "patient_address",
+    "relationship",
+    "consent",
+    "recipient_certificate",
+    "queue_message",
+    "queue_recipient",
+    "audit_event",
+}
+
+
+@pytest.mark.usefixtures("blank_database")
+def test_migrations_create_every_table_and_are_idempotent(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        assert not schema_is_current(engine)
+        migrate(engine)
+        migrate(engine)  # a second run (a restart, a second instance) changes nothing
+        assert schema_is_current(engine)
+        assert set(inspect(engine).get_table_names()) >= EXPECTED_TABLES
+    finally:
+        engine.dispose()
+
+
+def test_times_are_stored_in_utc_and_read_back_aware(database_url: str) -> None:
+    engine = make_engine(database_url)
+    migrate(engine)
+    berlin = timezone(timedelta(hours=1))
+    written = datetime(2026, 3, 29, 1, 30, tzinfo=berlin)
+    try:
+        with session_scope(engine) as session:
+            event = AuditEvent(at=written, actor="test", action="test.event")
+            session.add(event)
+            session.flush()
+            seq = event.seq
+        with Session(engine) as session:
+            read = session.get(AuditEvent, seq)
+            assert read is not None
+            assert read.at == written
+            assert read.at.tzinfo is not None and read.at.utcoffset() == timedelta(0)
+            assert read.at == datetime(2026, 3, 29, 0, 30, tzinfo=UTC)
+    finally:
+        engine.dispose()
+
+
+def test_naive_datetimes_are_refused(database_url: str) -> None:
+    engine = make_engine(database_url)
+    migrate(engine)
+    try:
+        with pytest.raises(Exception, match="naive datetimes"), session_scope(engine) as session:
+            session.add(AuditEvent(at=datetime(2026, 1, 1), actor="test", action="test.event"))
+            session.flush()
+    finally:
+        engine.dispose()
