@@ -1,8 +1,9 @@
-"""The only module that writes registry SQL.
+"""Staff accounts: the only module that writes the user tables.
 
-Functions take an open session and the acting person, and raise
-``RegistryError`` with a sentence that names the problem; the caller commits
-(together with the audit event that records the change) or rolls back.
+Like every record module here, functions take an open session and the acting
+person, and raise ``RegistryError`` with a sentence that names the problem;
+the caller commits (together with the audit entry that records the change)
+or rolls back.
 """
 
 from __future__ import annotations
@@ -14,20 +15,14 @@ from datetime import datetime
 
 from sqlmodel import Session, col, select
 
+from consent_registry.address_book import parse_new_addresses, refuse_taken
 from consent_registry.addresses import AddressError, parse_address
-from consent_registry.models import PatientAddress, User, UserAddress
+from consent_registry.errors import NotFoundError, RegistryError
+from consent_registry.models import User, UserAddress
 from consent_registry.passwords import WeakPasswordError, hash_password
 from policies.facts import Role, SenderFacts
 
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
-class RegistryError(Exception):
-    """Bad input or a missing record; the message is shown to the admin as is."""
-
-
-class NotFoundError(RegistryError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -79,18 +74,8 @@ def add_user(
         )
     if session.exec(select(User).where(User.username == username)).first() is not None:
         raise RegistryError(f"user {username!r} already exists")
-    if not addresses:
-        raise RegistryError("a user needs at least one --address to send as")
-    parsed = []
-    for text in addresses:
-        try:
-            parsed.append(parse_address(text))
-        except AddressError as exc:
-            raise RegistryError(f"address {text!r}: {exc}") from None
-    keys = [a.key for a in parsed]
-    if len(set(keys)) != len(keys):
-        raise RegistryError("the same address is given twice")
-    _refuse_taken_addresses(session, keys)
+    parsed = parse_new_addresses(addresses, "--address")
+    refuse_taken(session, [a.key for a in parsed])
     user = User(
         username=username,
         role=_role(role).value,
@@ -107,25 +92,7 @@ def add_user(
     return _view(session, user)
 
 
-def _refuse_taken_addresses(session: Session, keys: Sequence[str]) -> None:
-    owned = session.exec(
-        select(UserAddress.address, User.username)
-        .join(User, col(User.id) == UserAddress.user_id)
-        .where(col(UserAddress.address_key).in_(keys))
-    ).first()
-    if owned is not None:
-        raise RegistryError(f"address {owned[0]} already belongs to user {owned[1]!r}")
-    patient = session.exec(
-        select(PatientAddress.address).where(col(PatientAddress.address_key).in_(keys))
-    ).first()
-    if patient is not None:
-        raise RegistryError(
-            f"address {patient} is a patient's address; professional and personal "
-            "accounts are kept separate"
-        )
-
-
-def _get_user(session: Session, username: str) -> User:
+def get_user(session: Session, username: str) -> User:
     user = session.exec(select(User).where(User.username == username)).first()
     if user is None:
         raise NotFoundError(f"no user {username!r}")
@@ -155,7 +122,7 @@ def list_users(session: Session) -> list[UserView]:
 
 
 def disable_user(session: Session, username: str, actor: str, now: datetime) -> UserView:
-    user = _get_user(session, username)
+    user = get_user(session, username)
     if user.disabled:
         raise RegistryError(f"user {username!r} is already disabled")
     user.disabled = True
@@ -167,7 +134,7 @@ def disable_user(session: Session, username: str, actor: str, now: datetime) -> 
 
 
 def set_password(session: Session, username: str, password: str) -> UserView:
-    user = _get_user(session, username)
+    user = get_user(session, username)
     user.password_hash = _hash(password)
     session.add(user)
     session.flush()

@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from consent_registry.db import session_scope
 from consent_registry.passwords import verify_password
-from consent_registry.repository import login_record
+from consent_registry.users import login_record
 from gateway.audit import AuditAction, AuditEntry, record
 from policies.facts import SenderFacts
 from policies.throttle import AuthThrottle, auth_verdict

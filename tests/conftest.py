@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from consent_registry.db import make_engine, migrate, session_scope
-from consent_registry.repository import add_user
+from consent_registry.users import add_user
 from gateway.app import initialise
 from gateway.settings import Settings
 from tests.pki import TestCA

@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
 from consent_registry.db import make_engine, schema_is_current, session_scope
-from consent_registry.repository import RegistryError
+from consent_registry.errors import RegistryError
 from gateway.cli.output import CliError
 from gateway.settings import Settings, SettingsError, load_settings
 

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from consent_registry import repository
-from consent_registry.repository import UserView
+from consent_registry import users
+from consent_registry.users import UserView
 from gateway.audit import AuditAction, AuditEntry, record
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
@@ -69,7 +69,7 @@ def add(
     password = _read_password(password_stdin)
     with context.transaction(config) as session:
         now = context.now()
-        view = repository.add_user(session, username, addresses, role, password, actor, now)
+        view = users.add_user(session, username, addresses, role, password, actor, now)
         record(
             session,
             AuditEntry(
@@ -89,13 +89,13 @@ def list_(as_json: bool) -> None:
     """List users."""
     config = context.settings()
     with context.transaction(config) as session:
-        users = repository.list_users(session)
+        found = users.list_users(session)
     if as_json:
-        print_json([_user_json(u) for u in users])
+        print_json([_user_json(u) for u in found])
         return
     print_table(
         ["username", "role", "addresses", "disabled", "created"],
-        [(u.username, u.role.value, u.addresses, u.disabled, u.created_at) for u in users],
+        [(u.username, u.role.value, u.addresses, u.disabled, u.created_at) for u in found],
         empty="no users yet; add one with: cgw user add NAME --address EMAIL",
     )
 
@@ -108,7 +108,7 @@ def disable(username: str, actor: str) -> None:
     config = context.settings()
     with context.transaction(config) as session:
         now = context.now()
-        repository.disable_user(session, username, actor, now)
+        users.disable_user(session, username, actor, now)
         record(session, AuditEntry(AuditAction.USER_DISABLED, actor, username=username), now)
     click.echo(f"disabled user {username}")
 
@@ -123,7 +123,7 @@ def passwd(username: str, password_stdin: bool, actor: str) -> None:
     password = _read_password(password_stdin)
     with context.transaction(config) as session:
         now = context.now()
-        repository.set_password(session, username, password)
+        users.set_password(session, username, password)
         record(
             session, AuditEntry(AuditAction.USER_PASSWORD_CHANGED, actor, username=username), now
         )

@@ -224,7 +224,7 @@ def test_duplicates_and_double_disable_are_refused(initialised: Run) -> None:
     taken = cgw(
         "user", "add", "b", "--address", "A@Praxis.Example", "--password-stdin", stdin=PASSWORD
     )
-    assert "already belongs to user 'a'" in _error_line(taken)
+    assert "is a staff address of user 'a'" in _error_line(taken)
     assert cgw("user", "disable", "a").returncode == 0
     twice = cgw("user", "disable", "a")
     assert twice.returncode == 1
