@@ -10,6 +10,7 @@ S/MIME envelope of ``cryptography`` encrypts to RSA keys only).
 from __future__ import annotations
 
 import base64
+import contextlib
 import email
 import email.policy
 from dataclasses import dataclass
@@ -48,11 +49,12 @@ class CertificateView:
 
 def read_certificates(data: bytes) -> list[x509.Certificate]:
     """Certificates from PEM, DER, a PKCS#7 bundle, or a signed .eml."""
-    stripped = data.lstrip()
-    if stripped.startswith(b"-----BEGIN CERTIFICATE"):
-        return x509.load_pem_x509_certificates(data)
-    if stripped.startswith(b"-----BEGIN PKCS7"):
-        return pkcs7.load_pem_pkcs7_certificates(data)
+    # RFC 7468 allows text before the BEGIN line, as "openssl pkcs12 -nokeys"
+    # and "openssl x509 -text" write it; a byte-order mark is tolerated too.
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        return x509.load_pem_x509_certificates(data.removeprefix(b"\xef\xbb\xbf"))
+    if b"-----BEGIN PKCS7-----" in data:
+        return pkcs7.load_pem_pkcs7_certificates(data.removeprefix(b"\xef\xbb\xbf"))
     try:
         return [x509.load_der_x509_certificate(data)]
     except ValueError:
@@ -68,27 +70,32 @@ def _from_signed_mail(data: bytes) -> list[x509.Certificate]:
     message = email.message_from_bytes(data, policy=email.policy.compat32)
     for part in message.walk():
         content_type = part.get_content_type()
-        signed_data = content_type in _SIGNED_DATA_TYPES and "signed" in str(
-            part.get_param("smime-type", "")
+        # Signed data carries the signer's certificate; certs-only (RFC 8551
+        # 3.7) is how a client sends just its certificates.
+        smime_type = str(part.get_param("smime-type", "")).lower()
+        carries_certs = content_type in _SIGNED_DATA_TYPES and smime_type in (
+            "signed-data",
+            "certs-only",
         )
-        if content_type in _SIGNATURE_TYPES or signed_data:
-            payload = _decoded(part)
-            try:
-                return pkcs7.load_der_pkcs7_certificates(payload)
-            except ValueError as exc:
-                raise RegistryError(
-                    f"the S/MIME signature in the message is unreadable: {exc}"
-                ) from None
+        if content_type in _SIGNATURE_TYPES or carries_certs:
+            return _certificates_in(part)
     raise RegistryError(
         "the file is neither a certificate (PEM or DER) nor an S/MIME-signed message"
     )
 
 
-def _decoded(part: Message) -> bytes:
+def _certificates_in(part: Message) -> list[x509.Certificate]:
+    """The certificates of a PKCS#7 part, base64 whether its header says so or not."""
     payload = part.get_payload(decode=True)
-    if isinstance(payload, bytes):
-        return payload
-    return base64.b64decode(str(part.get_payload()))
+    candidates = [payload] if isinstance(payload, bytes) else []
+    with contextlib.suppress(ValueError):
+        candidates.append(base64.b64decode(str(part.get_payload())))
+    for candidate in candidates:
+        try:
+            return pkcs7.load_der_pkcs7_certificates(candidate)
+        except ValueError:
+            continue
+    raise RegistryError("the S/MIME signature in the message is unreadable")
 
 
 def certificate_emails(cert: x509.Certificate) -> list[str]:
@@ -136,8 +143,9 @@ def _problem(cert: x509.Certificate, now: datetime) -> str | None:
     key = cert.public_key()
     if not isinstance(key, rsa.RSAPublicKey):
         kind = type(key).__name__.removesuffix("PublicKey").lstrip("_")
+        article = "an" if kind[:1] in "AEIOU" else "a"
         return (
-            f"the certificate has a {kind} key; S/MIME encryption here needs an RSA key "
+            f"the certificate has {article} {kind} key; S/MIME encryption here needs an RSA key "
             "(ask the patient for an RSA certificate)"
         )
     if key.key_size < MIN_RSA_BITS:
@@ -197,13 +205,14 @@ def import_certificate(
     return _view(row)
 
 
-def list_certificates(session: Session) -> list[CertificateView]:
-    rows = session.exec(
-        select(RecipientCertificate).order_by(
-            col(RecipientCertificate.address_key), col(RecipientCertificate.id)
-        )
-    ).all()
-    return [_view(r) for r in rows]
+def list_certificates(session: Session, keys: list[str] | None = None) -> list[CertificateView]:
+    """Every certificate, or those for the addresses with the given matching keys."""
+    query = select(RecipientCertificate).order_by(
+        col(RecipientCertificate.address_key), col(RecipientCertificate.id)
+    )
+    if keys is not None:
+        query = query.where(col(RecipientCertificate.address_key).in_(keys))
+    return [_view(r) for r in session.exec(query).all()]
 
 
 def _view(row: RecipientCertificate) -> CertificateView:

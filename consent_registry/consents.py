@@ -94,6 +94,7 @@ def grant_many(
 ) -> list[ConsentView]:
     """Record every consent of ``batch`` or none (raises TermsError naming the first bad one)."""
     grants = _Grants(session, batch, now, zone)
+    grants.create_new_patients(batch)
     rows = [grants.row(index, terms, actor) for index, terms in enumerate(batch)]
     session.add_all(rows)
     session.flush()
@@ -115,6 +116,7 @@ class _Grants:
         }
         self.usernames = {u.id: u.username for u in self.users.values()}
         self.keys_of: dict[int, set[str]] = defaultdict(set)
+        self.owner_of: dict[str, int] = {}
         self.covering: dict[str, list[Consent]] = defaultdict(list)
         keys = {_key_or_none(t.email) for t in batch} - {None}
         self._load_addresses(keys)
@@ -132,6 +134,36 @@ class _Grants:
             )
         ).all():
             self.keys_of[patient_id].add(key)
+            self.owner_of[key] = patient_id
+
+    def create_new_patients(self, batch: Sequence[ConsentTerms]) -> None:
+        """Patients an import brings (unknown MRN with a name), in one insert."""
+        new: dict[str, Patient] = {}
+        for index, terms in enumerate(batch):
+            if not terms.patient_name:
+                continue
+            try:
+                known = self.patients.find(terms.patient)
+            except RegistryError as exc:
+                raise TermsError(index, "patient", str(exc)) from None
+            mrn = terms.patient.removeprefix("mrn:")
+            if known is not None or mrn in new:
+                continue
+            if "@" in mrn or mrn.startswith("id:"):
+                message = "a new patient needs an MRN in the patient column"
+                raise TermsError(index, "patient", message)
+            try:
+                check_mrn(mrn)
+            except RegistryError as exc:
+                raise TermsError(index, "patient", str(exc)) from None
+            name = " ".join(terms.patient_name.split())
+            actor = terms.recorded_by or "import"
+            new[mrn] = Patient(name=name, mrn=mrn, created_at=self.now, created_by=actor)
+        if new:
+            self.session.add_all(list(new.values()))
+            self.session.flush()
+            for patient in new.values():
+                self.patients.add(patient)
 
     def row(self, index: int, terms: ConsentTerms, actor: str) -> Consent:
         def fail(field: str, message: str) -> TermsError:
@@ -141,9 +173,11 @@ class _Grants:
             address = parse_address(terms.email)
         except AddressError as exc:
             raise fail("email", f"address {terms.email!r}: {exc}") from None
-        patient = self._patient(terms, address.written, address.key, fail)
+        patient = self._patient(terms, fail)
         clinician_id = self._clinician(terms.clinician, fail)
         assert patient.id is not None
+        if address.key not in self.keys_of[patient.id] and terms.patient_name:
+            self._register_address(patient, address.written, address.key, terms, fail)
         if address.key not in self.keys_of[patient.id]:
             raise fail(
                 "email",
@@ -174,40 +208,29 @@ class _Grants:
             self.covering[row.address_key].append(row)
         return row
 
-    def _patient(self, terms: ConsentTerms, written: str, key: str, fail: _Fail) -> Patient:
+    def _patient(self, terms: ConsentTerms, fail: _Fail) -> Patient:
         try:
             patient = self.patients.find(terms.patient)
         except RegistryError as exc:
             raise fail("patient", str(exc)) from None
         if patient is not None:
+            name = " ".join((terms.patient_name or "").split())
+            if name and name != patient.name:
+                # A wrong MRN must not attach a consent to somebody else.
+                raise fail(
+                    "patient_name",
+                    f"patient {terms.patient!r} is {patient.name!r} in the registry, not {name!r}",
+                )
             return patient
-        if not terms.patient_name:
-            raise fail(
-                "patient", f"no patient {terms.patient!r} (give an id, an MRN or an address)"
-            )
-        return self._create_patient(terms, written, key, fail)
+        raise fail("patient", f"no patient {terms.patient!r} (give an id, an MRN or an address)")
 
-    def _create_patient(self, terms: ConsentTerms, written: str, key: str, fail: _Fail) -> Patient:
-        """An import may bring patients the registry does not know yet (by MRN)."""
-        mrn = terms.patient.removeprefix("mrn:")
-        if "@" in mrn or mrn.startswith("id:"):
-            raise fail("patient", "a new patient needs an MRN in the patient column")
-        try:
-            check_mrn(mrn)
-        except RegistryError as exc:
-            raise fail("patient", str(exc)) from None
-        if (
-            self.session.exec(
-                select(PatientAddress.patient_id).where(PatientAddress.address_key == key)
-            ).first()
-            is not None
-        ):
-            raise fail("email", f"{written} already belongs to another patient")
-        actor = terms.recorded_by or "import"
-        name = " ".join((terms.patient_name or "").split())
-        patient = Patient(name=name, mrn=mrn, created_at=self.now, created_by=actor)
-        self.session.add(patient)
-        self.session.flush()
+    def _register_address(
+        self, patient: Patient, written: str, key: str, terms: ConsentTerms, fail: _Fail
+    ) -> None:
+        """An import that names the patient may bring an address of theirs not yet known."""
+        owner = self.owner_of.get(key)
+        if owner is not None:
+            raise fail("email", f"{written} belongs to patient {owner}, not {patient.id}")
         assert patient.id is not None
         self.session.add(
             PatientAddress(
@@ -215,12 +238,12 @@ class _Grants:
                 address=written,
                 address_key=key,
                 added_at=self.now,
-                added_by=actor,
+                added_by=terms.recorded_by or "import",
             )
         )
         self.patients.add(patient, [key])
         self.keys_of[patient.id].add(key)
-        return patient
+        self.owner_of[key] = patient.id
 
     def _clinician(self, username: str | None, fail: _Fail) -> int | None:
         if not username:

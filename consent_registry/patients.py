@@ -208,5 +208,13 @@ def views(session: Session, patients: list[Patient]) -> list[PatientView]:
     return result
 
 
+def address_keys(session: Session, patient: Patient) -> list[str]:
+    return list(
+        session.exec(
+            select(PatientAddress.address_key).where(PatientAddress.patient_id == patient.id)
+        ).all()
+    )
+
+
 def list_patients(session: Session) -> list[PatientView]:
     return views(session, list(session.exec(select(Patient).order_by(col(Patient.id))).all()))

@@ -28,6 +28,14 @@ class AuditAction(enum.StrEnum):
     USER_ADDED = "user.added"
     USER_DISABLED = "user.disabled"
     USER_PASSWORD_CHANGED = "user.password_changed"  # noqa: S105
+    PATIENT_ADDED = "patient.added"
+    PATIENT_EMAIL_ADDED = "patient.email_added"
+    RELATIONSHIP_ADDED = "relationship.added"
+    RELATIONSHIP_ENDED = "relationship.ended"
+    CONSENT_GRANTED = "consent.granted"
+    CONSENT_REVOKED = "consent.revoked"
+    CONSENTS_EXPORTED = "consent.exported"
+    CERTIFICATE_IMPORTED = "certificate.imported"
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,17 @@ def database_url(
 
 
 @pytest.fixture
+def second_database_url(
+    database_url: str, tmp_path: Path, postgres: PostgresDatabases | str
+) -> str:
+    """Another empty, migrated database on the same backend as ``database_url``."""
+    if database_url.startswith("sqlite"):
+        return f"sqlite:///{tmp_path / 'second' / 'cgw.db'}"
+    assert not isinstance(postgres, str)
+    return postgres.new()
+
+
+@pytest.fixture
 def blank_database() -> None:
     """Ask for this beside ``database_url`` to get a database with no schema yet."""
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import getpass
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
+import click
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
 from consent_registry.db import make_engine, schema_is_current, session_scope
 from consent_registry.errors import RegistryError
 from gateway.cli.output import CliError
 from gateway.settings import Settings, SettingsError, load_settings
+from policies.status import practice_day
 
 
 def settings() -> Settings:
@@ -33,6 +35,22 @@ def default_actor() -> str:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+actor_option = click.option(
+    "--actor", default=default_actor, show_default="the OS user", help="Who makes the change."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def parse_day(value: str | None, option: str, config: Settings) -> date:
+    """An ISO date from the command line; today at the practice when omitted."""
+    if value is None:
+        return practice_day(now(), config.zone)
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise CliError(f"{option}: {value!r} is not a date (YYYY-MM-DD)") from None
 
 
 @contextmanager
@@ -60,5 +78,9 @@ def transaction(config: Settings) -> Iterator[Session]:
                 yield session
         except RegistryError as exc:
             raise CliError(str(exc)) from None
+        except IntegrityError:
+            raise CliError("the record changed meanwhile (another change won); try again") from None
         except SQLAlchemyError as exc:
-            raise CliError(f"database error: {type(exc).__name__}: {exc}") from None
+            cause = getattr(exc, "orig", None) or exc
+            first_line = (str(cause).splitlines() or [""])[0]
+            raise CliError(f"database error: {type(cause).__name__}: {first_line}") from None

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import click
 
+from gateway.cli.cert import cert
+from gateway.cli.consent import consent
+from gateway.cli.patient import patient
+from gateway.cli.relationship import relationship
 from gateway.cli.serve import config, init, serve
 from gateway.cli.user import user
 
@@ -22,6 +26,10 @@ cli.add_command(init)
 cli.add_command(serve)
 cli.add_command(config)
 cli.add_command(user)
+cli.add_command(patient)
+cli.add_command(relationship)
+cli.add_command(consent)
+cli.add_command(cert)
 
 
 def main() -> None:

@@ -6,14 +6,17 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.app import Gateway, Listener, initialise
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from gateway.settings import ListenAddress, Settings, masked_settings
+
+if TYPE_CHECKING:
+    from gateway.app import Listener
 
 
 def client_instructions(settings: Settings, listeners: Sequence[Listener]) -> str:
@@ -46,6 +49,8 @@ def _server_name(settings: Settings, address: ListenAddress) -> str:
 @click.command()
 def init() -> None:
     """Create the data directory, database, keys and a development certificate."""
+    from gateway.app import initialise  # the gateway's wiring loads only where it runs
+
     config = context.settings()
     try:
         report = initialise(config)
@@ -78,6 +83,8 @@ def serve(log_level: str) -> None:
 
 
 async def _serve(config: Settings) -> None:
+    from gateway.app import Gateway
+
     gateway = Gateway(config)
     await gateway.start()
     stop = asyncio.Event()

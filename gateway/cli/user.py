@@ -60,7 +60,7 @@ def user() -> None:
     show_default=True,
 )
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-@actor_option
+@context.actor_option
 def add(
     username: str, addresses: tuple[str, ...], role: str, password_stdin: bool, actor: str
 ) -> None:
@@ -84,7 +84,7 @@ def add(
 
 
 @user.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@context.json_option
 def list_(as_json: bool) -> None:
     """List users."""
     config = context.settings()
@@ -102,7 +102,7 @@ def list_(as_json: bool) -> None:
 
 @user.command()
 @click.argument("username")
-@actor_option
+@context.actor_option
 def disable(username: str, actor: str) -> None:
     """Disable a user: they can no longer log in (the record stays)."""
     config = context.settings()
@@ -116,7 +116,7 @@ def disable(username: str, actor: str) -> None:
 @user.command()
 @click.argument("username")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-@actor_option
+@context.actor_option
 def passwd(username: str, password_stdin: bool, actor: str) -> None:
     """Set a user's password."""
     config = context.settings()

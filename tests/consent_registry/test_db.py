@@ -8,7 +8,14 @@ import pytest
 from sqlalchemy import inspect
 from sqlmodel import Session
 
-from consent_registry.db import make_engine, migrate, schema_is_current, session_scope
+from consent_registry.db import (
+    HEAD_REVISION,
+    alembic_head,
+    make_engine,
+    migrate,
+    schema_is_current,
+    session_scope,
+)
 from consent_registry.models import AuditEvent
 
 EXPECTED_TABLES = {
@@ -68,3 +75,7 @@ def test_naive_datetimes_are_refused(database_url: str) -> None:
             session.flush()
     finally:
         engine.dispose()
+
+
+def test_head_revision_constant_matches_the_migration_files() -> None:
+    assert alembic_head() == HEAD_REVISION
