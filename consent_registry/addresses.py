@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import idna
 
-from policies.facts import RecipientFacts
-
 MAX_LOCAL_OCTETS = 64
 MAX_DOMAIN_OCTETS = 253
 MAX_ADDRESS_OCTETS = 254
@@ -43,9 +41,6 @@ class Address:
     @property
     def is_ascii(self) -> bool:
         return self.written.isascii()
-
-    def recipient_facts(self) -> RecipientFacts:
-        return RecipientFacts(address=self.written, key=self.key, domain=self.domain)
 
 
 def parse_address(text: str) -> Address:

@@ -178,6 +178,11 @@ class QueueRecipient(SQLModel, table=True):
     claimed_by: str | None = Field(default=None, max_length=128)
     claimed_until: datetime | None = _utc_column(nullable=True)
     updated_at: datetime = _utc_column()
+    # What the policy decided at submission: delivery must honour it.
+    protection: str = Field(default="none", max_length=16)
+    reason: str | None = Field(default=None, max_length=48)
+    patient_id: int | None = None
+    certificate_id: int | None = None
 
 
 class AuditEvent(SQLModel, table=True):

@@ -23,6 +23,7 @@ from gateway.auth import Authenticator
 from gateway.crypto_at_rest import load_or_create_key
 from gateway.delivery import DeliveryWorker
 from gateway.intake import Intake
+from gateway.policy_gate import PolicyGate
 from gateway.queue import QueueStore, RetryPolicy
 from gateway.relay import OutboxRelay, Relay, SmtpRelay
 from gateway.settings import ListenAddress, Settings
@@ -34,7 +35,6 @@ from gateway.tls import (
     dev_certificate_paths,
     server_context,
 )
-from policies.facts import PolicySettings
 from policies.throttle import AuthThrottle
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ class Gateway:
         retry = RetryPolicy(
             settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime
         )
-        self.worker = DeliveryWorker(queue, spool, relay, retry)
+        intake = Intake(engine, spool, settings.hostname, self._wake)
+        self.worker = DeliveryWorker(queue, spool, relay, retry, intake.bounce)
         handler = SubmissionHandler(
             authenticator=Authenticator(
                 engine,
@@ -140,9 +141,10 @@ class Gateway:
                     lockout_after=settings.auth_lockout,
                 ),
             ),
-            intake=Intake(engine, spool, settings.hostname, self.worker.wake),
-            policy=PolicySettings(practice_domains=settings.practice_domains),
+            intake=intake,
+            gate=PolicyGate(engine, settings.policy()),
             max_recipients=settings.max_recipients,
+            bounce_denials=settings.denial_mode == "bounce",
         )
         cert, key_file = tls_files(settings)
         tls = server_context(cert, key_file)
@@ -204,6 +206,11 @@ class Gateway:
         self._servers.append(server)
         host, port = server.sockets[0].getsockname()[:2]
         self.listeners.append(Listener(label, ListenAddress(str(host), int(port))))
+
+    def _wake(self) -> None:
+        """A message was queued: the delivery worker need not wait for its poll."""
+        if self.worker is not None:
+            self.worker.wake()
 
     async def stop(self) -> None:
         for server in self._servers:

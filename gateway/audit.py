@@ -23,6 +23,8 @@ class AuditAction(enum.StrEnum):
     MESSAGE_DELIVERED = "message.delivered"
     MESSAGE_DEFERRED = "message.deferred"
     MESSAGE_FAILED = "message.failed"
+    MESSAGE_QUARANTINED = "message.quarantined"
+    MESSAGE_BOUNCED = "message.bounced"
     AUTH_FAILED = "auth.failed"
     AUTH_LOCKED_OUT = "auth.locked_out"
     USER_ADDED = "user.added"

@@ -11,16 +11,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
-from gateway.queue import ClaimedMessage, QueueStore, RecipientResult, RetryPolicy, Verdict
+from gateway.bounce import FailedRecipient
+from gateway.queue import (
+    ClaimedMessage,
+    ClaimedRecipient,
+    QueueStore,
+    RecipientResult,
+    RetryPolicy,
+    Verdict,
+)
 from gateway.relay import Relay
 from gateway.spool import Spool
+from policies.decision import Protection
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0
+
+# (sender, original message, failed recipients, queue id) -> queue id of the report
+Bounce = Callable[[str, bytes, Sequence[FailedRecipient], str], Awaitable[str]]
 
 
 class DeliveryWorker:
@@ -30,6 +42,7 @@ class DeliveryWorker:
         spool: Spool,
         relay: Relay,
         retry: RetryPolicy,
+        bounce: Bounce,
         concurrency: int = 8,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -37,6 +50,7 @@ class DeliveryWorker:
         self.spool = spool
         self.relay = relay
         self.retry = retry
+        self.bounce = bounce
         self.clock = clock
         self.concurrency = concurrency
         self._wake = asyncio.Event()
@@ -79,27 +93,69 @@ class DeliveryWorker:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     async def _deliver(self, message: ClaimedMessage) -> None:
-        addresses = [r.address for r in message.recipients]
+        results: dict[str, RecipientResult] = {}
+        content = b""
         try:
             content = await asyncio.to_thread(self.spool.load, message.message_id)
-            results = await self.relay.send(
-                message.message_id, message.mail_from, addresses, content
-            )
+            for protection, group in _by_protection(message).items():
+                results.update(await self._send(message, protection, group, content))
         except Exception as exc:
             log.exception("delivery of %s failed", message.message_id)
             failure = RecipientResult(Verdict.DEFERRED, f"gateway fault: {type(exc).__name__}")
-            results = dict.fromkeys(addresses, failure)
-        for address in addresses:
+            results = dict.fromkeys([r.address for r in message.recipients], failure)
+        for rcpt in message.recipients:
             results.setdefault(
-                address, RecipientResult(Verdict.DEFERRED, "no answer for recipient")
+                rcpt.address, RecipientResult(Verdict.DEFERRED, "no answer for recipient")
             )
-        done = await asyncio.to_thread(
+            log.info(
+                "%s to=<%s> %s: %s",
+                message.message_id,
+                rcpt.address,
+                *_summary(results[rcpt.address]),
+            )
+        finished = await asyncio.to_thread(
             self.queue.finish, message, results, self.clock(), self.retry
         )
-        for address in addresses:
-            log.info("%s to=<%s> %s: %s", message.message_id, address, *_summary(results[address]))
-        if done:
+        if finished.failed and not message.is_bounce and message.mail_from:
+            failed = [FailedRecipient(a, _status_of(reply), reply) for a, reply in finished.failed]
+            await self.bounce(message.mail_from, content, failed, message.message_id)
+        if finished.complete:
             await asyncio.to_thread(self.spool.remove, message.message_id)
+
+    async def _send(
+        self,
+        message: ClaimedMessage,
+        protection: str,
+        group: list[ClaimedRecipient],
+        content: bytes,
+    ) -> dict[str, RecipientResult]:
+        addresses = [r.address for r in group]
+        if protection == Protection.SMIME.value:
+            # Never in the clear: until S/MIME encryption is wired in, wait.
+            wait = RecipientResult(Verdict.DEFERRED, "S/MIME encryption is not available yet")
+            return dict.fromkeys(addresses, wait)
+        return await self.relay.send(message.message_id, message.mail_from, addresses, content)
+
+
+def _by_protection(message: ClaimedMessage) -> dict[str, list[ClaimedRecipient]]:
+    """Recipients that can share one transaction.
+
+    The relays here always demand verified TLS, which meets every protection
+    but S/MIME; S/MIME recipients each get their own encrypted copy.
+    """
+    groups: dict[str, list[ClaimedRecipient]] = {}
+    for rcpt in message.recipients:
+        key = Protection.SMIME.value if rcpt.protection == Protection.SMIME.value else "transport"
+        groups.setdefault(key, []).append(rcpt)
+    return groups
+
+
+def _status_of(reply: str) -> str:
+    """The enhanced status code in a reply, or the generic one for its class."""
+    words = reply.split()
+    if len(words) > 1 and words[1][:2] in ("4.", "5.") and words[1].count(".") == 2:
+        return "5" + words[1][1:]
+    return "5.0.0"
 
 
 def _summary(result: RecipientResult) -> tuple[str, str]:

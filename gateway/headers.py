@@ -89,6 +89,11 @@ def sender_addresses(fields: list[HeaderField]) -> list[str]:
     return found
 
 
+def shown_addresses(fields: list[HeaderField]) -> list[str]:
+    """Addresses every recipient sees: To and Cc (Bcc is never shown)."""
+    return [a for _, a in getaddresses([f.value for f in fields if f.name in ("to", "cc")]) if a]
+
+
 def rewrite_header(
     content: bytes, prepend: list[bytes], add_if_missing: dict[str, bytes], remove: frozenset[str]
 ) -> bytes:

@@ -20,10 +20,11 @@ from sqlalchemy import Engine
 
 from consent_registry.db import session_scope
 from gateway.audit import AuditAction, AuditEntry, record
+from gateway.bounce import FailedRecipient, build_dsn
 from gateway.headers import rewrite_header
-from gateway.queue import QueueStore
+from gateway.queue import QueuedRecipient, QueueStore
 from gateway.spool import Spool, SpoolFull
-from policies.decision import Decision
+from policies.decision import Decision, Outcome
 from policies.facts import SenderFacts
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,61 @@ class Intake:
         self.clock = clock
 
     async def accept(
-        self, sender: SenderFacts, mail_from: str, recipients: Sequence[str], content: bytes
+        self,
+        sender: SenderFacts,
+        mail_from: str,
+        decided: Sequence[tuple[str, Decision]],
+        content: bytes,
     ) -> str:
+        """Store a message for its allowed and held recipients; returns the queue id."""
         now = self.clock()
         message_id = new_message_id(now)
         stamped = self._stamp(content, message_id, now)
-        await asyncio.to_thread(
-            self._store, sender, message_id, mail_from, recipients, stamped, now
-        )
+        await asyncio.to_thread(self._store, sender, message_id, mail_from, decided, stamped, now)
         self.on_accepted()
         return message_id
+
+    async def bounce(
+        self, sender_address: str, original: bytes, failed: Sequence[FailedRecipient], about: str
+    ) -> str:
+        """Queue one delivery status notification to the sender (from the null sender)."""
+        now = self.clock()
+        message_id = new_message_id(now)
+        report = build_dsn(self.hostname, sender_address, original, failed, now, about)
+        await asyncio.to_thread(self._store_bounce, message_id, sender_address, report, about, now)
+        self.on_accepted()
+        return message_id
+
+    def _store_bounce(
+        self, message_id: str, sender_address: str, report: bytes, about: str, now: datetime
+    ) -> None:
+        self.spool.store(message_id, report)
+        try:
+            with session_scope(self.engine) as session:
+                QueueStore.enqueue(
+                    session,
+                    message_id,
+                    "",
+                    None,
+                    len(report),
+                    [QueuedRecipient(sender_address)],
+                    now,
+                    is_bounce=True,
+                )
+                record(
+                    session,
+                    AuditEntry(
+                        action=AuditAction.MESSAGE_BOUNCED,
+                        actor="gateway",
+                        message_id=about,
+                        recipient=sender_address,
+                        detail=f"delivery status notification {message_id}",
+                    ),
+                    now,
+                )
+        except BaseException:
+            self.spool.remove(message_id)
+            raise
 
     def _stamp(self, content: bytes, message_id: str, now: datetime) -> bytes:
         # No client host name or address: patients need not learn the
@@ -87,7 +133,7 @@ class Intake:
         sender: SenderFacts,
         message_id: str,
         mail_from: str,
-        recipients: Sequence[str],
+        decided: Sequence[tuple[str, Decision]],
         content: bytes,
         now: datetime,
     ) -> None:
@@ -97,19 +143,22 @@ class Intake:
             raise StorageFullError(str(exc)) from exc
         try:
             with session_scope(self.engine) as session:
+                queued = [_queued(address, decision) for address, decision in decided]
                 QueueStore.enqueue(
-                    session, message_id, mail_from, sender.username, len(content), recipients, now
+                    session, message_id, mail_from, sender.username, len(content), queued, now
                 )
-                for address in recipients:
+                for address, decision in decided:
+                    held = decision.outcome is Outcome.QUARANTINE
                     record(
                         session,
-                        AuditEntry(
-                            action=AuditAction.MESSAGE_ACCEPTED,
-                            actor=sender.username,
-                            message_id=message_id,
-                            username=sender.username,
-                            recipient=address,
-                            decision="allow",
+                        _decision_entry(
+                            AuditAction.MESSAGE_QUARANTINED
+                            if held
+                            else AuditAction.MESSAGE_ACCEPTED,
+                            sender,
+                            address,
+                            decision,
+                            message_id,
                         ),
                         now,
                     )
@@ -128,13 +177,39 @@ class Intake:
         with session_scope(self.engine) as session:
             record(
                 session,
-                AuditEntry(
-                    action=AuditAction.MESSAGE_DENIED,
-                    actor=sender.username,
-                    username=sender.username,
-                    recipient=recipient,
-                    decision=decision.outcome.value,
-                    reason=decision.reason.value,
-                ),
+                _decision_entry(AuditAction.MESSAGE_DENIED, sender, recipient, decision),
                 now,
             )
+
+
+def _queued(address: str, decision: Decision) -> QueuedRecipient:
+    return QueuedRecipient(
+        address=address,
+        protection=decision.protection.value,
+        reason=decision.reason.value,
+        patient_id=decision.patient_id,
+        certificate_id=decision.certificate_id,
+        quarantined=decision.outcome is Outcome.QUARANTINE,
+    )
+
+
+def _decision_entry(
+    action: AuditAction,
+    sender: SenderFacts,
+    recipient: str,
+    decision: Decision,
+    message_id: str | None = None,
+) -> AuditEntry:
+    """One audit line per decision: who, to whom, what and why; never content."""
+    return AuditEntry(
+        action=action,
+        actor=sender.username,
+        message_id=message_id,
+        username=sender.username,
+        recipient=recipient,
+        patient_id=decision.patient_id,
+        consent_id=decision.consent_id,
+        decision=decision.outcome.value,
+        reason=decision.reason.value,
+        detail=f"rule {decision.rule}; protection {decision.protection.value}",
+    )

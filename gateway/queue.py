@@ -32,9 +32,12 @@ class RecipientState(enum.StrEnum):
     DEFERRED = "deferred"
     DELIVERED = "delivered"
     FAILED = "failed"
+    QUARANTINED = "quarantined"  # held by policy; released or rejected by an admin
 
 
 DUE_STATES = (RecipientState.QUEUED.value, RecipientState.DEFERRED.value)
+# A message's sealed content stays in the spool while any recipient is open.
+OPEN_STATES = (*DUE_STATES, RecipientState.QUARANTINED.value)
 
 
 class Verdict(enum.StrEnum):
@@ -52,10 +55,24 @@ class RecipientResult:
 
 
 @dataclass(frozen=True)
+class QueuedRecipient:
+    """A recipient as accepted: the policy's decision travels with it."""
+
+    address: str
+    protection: str = "none"
+    reason: str | None = None
+    patient_id: int | None = None
+    certificate_id: int | None = None
+    quarantined: bool = False
+
+
+@dataclass(frozen=True)
 class ClaimedRecipient:
     row_id: int
     address: str
     attempts: int
+    protection: str = "none"
+    certificate_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,7 @@ class ClaimedMessage:
     mail_from: str
     received_at: datetime
     recipients: tuple[ClaimedRecipient, ...]
+    is_bounce: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,14 @@ class RetryPolicy:
     backoff: timedelta
     backoff_max: timedelta
     lifetime: timedelta
+
+
+@dataclass(frozen=True)
+class Finished:
+    """After one delivery attempt: is the message complete, and who failed for good."""
+
+    complete: bool
+    failed: list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -98,23 +124,34 @@ class QueueStore:
         mail_from: str,
         username: str | None,
         size: int,
-        recipients: Sequence[str],
+        recipients: Sequence[QueuedRecipient],
         now: datetime,
+        is_bounce: bool = False,
     ) -> None:
         """Add a message and its recipients in the caller's transaction."""
         session.add(
             QueueMessage(
-                id=message_id, mail_from=mail_from, username=username, size=size, received_at=now
+                id=message_id,
+                mail_from=mail_from,
+                username=username,
+                size=size,
+                received_at=now,
+                is_bounce=is_bounce,
             )
         )
-        for address in recipients:
+        for rcpt in recipients:
+            state = RecipientState.QUARANTINED if rcpt.quarantined else RecipientState.QUEUED
             session.add(
                 QueueRecipient(
                     message_id=message_id,
-                    address=address,
-                    state=RecipientState.QUEUED.value,
+                    address=rcpt.address,
+                    state=state.value,
                     next_attempt_at=now,
                     updated_at=now,
+                    protection=rcpt.protection,
+                    reason=rcpt.reason,
+                    patient_id=rcpt.patient_id,
+                    certificate_id=rcpt.certificate_id,
                 )
             )
 
@@ -151,7 +188,9 @@ class QueueStore:
                 session.add(row)
                 assert row.id is not None
                 by_message[row.message_id].append(
-                    ClaimedRecipient(row.id, row.address, row.attempts)
+                    ClaimedRecipient(
+                        row.id, row.address, row.attempts, row.protection, row.certificate_id
+                    )
                 )
             if not by_message:
                 return []
@@ -159,7 +198,9 @@ class QueueStore:
                 select(QueueMessage).where(col(QueueMessage.id).in_(list(by_message)))
             ).all()
             return [
-                ClaimedMessage(m.id, m.mail_from, m.received_at, tuple(by_message[m.id]))
+                ClaimedMessage(
+                    m.id, m.mail_from, m.received_at, tuple(by_message[m.id]), m.is_bounce
+                )
                 for m in messages
             ]
 
@@ -169,26 +210,29 @@ class QueueStore:
         results: dict[str, RecipientResult],
         now: datetime,
         retry: RetryPolicy,
-    ) -> bool:
-        """Record what the next hop said; True when the message is complete."""
+    ) -> Finished:
+        """Record what the next hop said, and which recipients failed for good now."""
+        failed: list[tuple[str, str]] = []
         with session_scope(self.engine) as session:
             for claimed_rcpt in claimed.recipients:
                 row = session.get(QueueRecipient, claimed_rcpt.row_id)
                 assert row is not None
                 result = results[claimed_rcpt.address]
                 self._apply(session, row, result, claimed, now, retry)
+                if row.state == RecipientState.FAILED.value:
+                    failed.append((row.address, row.last_error or ""))
             open_rows = session.exec(
                 select(QueueRecipient.id)
                 .where(QueueRecipient.message_id == claimed.message_id)
-                .where(col(QueueRecipient.state).in_(DUE_STATES))
+                .where(col(QueueRecipient.state).in_(OPEN_STATES))
             ).first()
             if open_rows is not None:
-                return False
+                return Finished(False, failed)
             message = session.get(QueueMessage, claimed.message_id)
             assert message is not None
             message.done_at = now
             session.add(message)
-            return True
+            return Finished(True, failed)
 
     def _apply(
         self,
@@ -232,6 +276,16 @@ class QueueStore:
             ),
             now,
         )
+
+    def failed_recipients(self, message_id: str) -> list[tuple[str, str]]:
+        """(address, last error) of the recipients that failed for good."""
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(QueueRecipient.address, QueueRecipient.last_error)
+                .where(QueueRecipient.message_id == message_id)
+                .where(QueueRecipient.state == RecipientState.FAILED.value)
+            ).all()
+            return [(address, error or "") for address, error in rows]
 
     def open_message_ids(self) -> set[str]:
         """Messages not yet complete: their spool files must be kept."""

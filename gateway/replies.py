@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from policies.decision import Decision
+from policies.decision import Decision, Outcome
 
 AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
@@ -67,6 +67,20 @@ def decision(result: Decision, address: str) -> str:
     enhanced = result.enhanced_code
     basic = {"2": "250", "4": "450", "5": "550"}[enhanced[0]]
     return f"{basic} {enhanced} <{address}>: {result.sentence}"
+
+
+def recipient_accepted(result: Decision, address: str) -> str:
+    """250 for a recipient taken on: allowed, held for review, or (bounce mode) to be reported."""
+    if result.outcome is Outcome.DENY:
+        return f"250 2.1.5 <{address}>: accepted; you will get a report: {result.sentence}"
+    return decision(result, address)
+
+
+PATIENTS_EXPOSED = (
+    "550 5.7.1 The message would show a patient another patient's address; "
+    "send it separately or put the patients in Bcc"
+)
+ALL_REFUSED_REPORTED = "250 2.0.0 Ok: nothing to deliver; the refusals are in a report to you"
 
 
 # aiosmtpd's own replies that need a better text than a generic code.

@@ -36,6 +36,7 @@ from pydantic_settings import (
 )
 
 from consent_registry.addresses import AddressError, normalise_domain
+from policies.facts import PolicySettings, StaffPatientMail, UnknownExternal
 
 ENV_PREFIX = "CGW_"
 
@@ -186,6 +187,7 @@ class Settings(BaseSettings):
     max_recipients: int = Field(default=100, gt=0)
     queue_lifetime: Duration = timedelta(days=5)
     timezone: str = "UTC"
+    staff_patient_mail: Literal["refuse", "on-behalf"] = "on-behalf"
 
     # Operational settings beyond SPEC §2 (documented in README "Settings").
     storage_key: SecretStr | None = None
@@ -272,6 +274,15 @@ class Settings(BaseSettings):
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    def policy(self) -> PolicySettings:
+        """What ``policies`` needs of these settings."""
+        return PolicySettings(
+            practice_domains=self.practice_domains,
+            zone=self.zone,
+            unknown_external=UnknownExternal(self.unknown_external),
+            staff_patient_mail=StaffPatientMail(self.staff_patient_mail),
+        )
 
     @property
     def spool_dir(self) -> Path:

@@ -15,7 +15,7 @@ import binascii
 import contextlib
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
@@ -23,17 +23,21 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from consent_registry.addresses import Address, AddressError, parse_address
 from gateway import replies
 from gateway.auth import Authenticator
+from gateway.bounce import FailedRecipient
 from gateway.headers import (
     HeaderError,
+    HeaderField,
     bare_line_ending,
     parse_fields,
     sender_addresses,
+    shown_addresses,
     split_message,
 )
 from gateway.intake import Intake, StorageFullError
-from policies.decision import Outcome
-from policies.engine import decide_recipient, sender_owns
-from policies.facts import PolicySettings, SenderFacts
+from gateway.policy_gate import PolicyGate
+from policies.decision import Decision, Outcome
+from policies.engine import sender_owns
+from policies.facts import SenderFacts
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +62,12 @@ class ConnectionLimiter:
 
 
 class SubmissionEnvelope(Envelope):
-    """aiosmtpd's envelope plus the parsed recipients, for deduplication."""
+    """aiosmtpd's envelope plus the policy's decision for each recipient."""
 
     def __init__(self) -> None:
         super().__init__()
         self.recipient_keys: set[str] = set()
+        self.decisions: dict[str, Decision] = {}
 
 
 class SubmissionProtocol(SMTP):
@@ -154,8 +159,9 @@ class SubmissionHandler:
 
     authenticator: Authenticator
     intake: Intake
-    policy: PolicySettings
+    gate: PolicyGate
     max_recipients: int
+    bounce_denials: bool = False  # CGW_DENIAL_MODE=bounce
     _log: logging.Logger = field(default=log, repr=False)
 
     async def handle_EHLO(
@@ -228,36 +234,77 @@ class SubmissionHandler:
         parsed, refusal = _parse(address, envelope.smtp_utf8)
         if parsed is None:
             return refusal
-        decision = decide_recipient(_sender(session), parsed.recipient_facts(), self.policy)
-        if decision.outcome is not Outcome.ALLOW:
-            await self.intake.record_refusal(_sender(session), parsed.written, decision)
-            return replies.decision(decision, parsed.written)
+        sender = _sender(session)
+        (decision,) = await asyncio.to_thread(self.gate.decide, sender, [parsed])
+        if decision.outcome is Outcome.DENY:
+            await self.intake.record_refusal(sender, parsed.written, decision)
+            if not self.bounce_denials:
+                return replies.decision(decision, parsed.written)
         if parsed.key not in envelope.recipient_keys:
             envelope.recipient_keys.add(parsed.key)
             envelope.rcpt_tos.append(parsed.written)
             envelope.rcpt_options.extend(options)
-        return replies.RECIPIENT_OK
+            envelope.decisions[parsed.written] = decision
+        return replies.recipient_accepted(decision, parsed.written)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        assert isinstance(envelope, SubmissionEnvelope) and envelope.mail_from is not None
         content = envelope.original_content or b""
         kind = bare_line_ending(content)
         if kind is not None:
             return replies.bare_line_ending(kind)
         sender = _sender(session)
         try:
-            for address in sender_addresses(parse_fields(split_message(content)[0])):
+            fields = parse_fields(split_message(content)[0])
+            for address in sender_addresses(fields):
                 if not _owned(sender, address):
                     return replies.header_sender_not_owned(address)
         except HeaderError as exc:
             return replies.bad_header(str(exc))
-        assert envelope.mail_from is not None
+        decisions = await self._apply_header_rules(sender, envelope.decisions, fields)
+        if decisions is None:
+            return replies.PATIENTS_EXPOSED
+        deliver = [(a, d) for a, d in decisions.items() if d.outcome is not Outcome.DENY]
+        refused = [(a, d) for a, d in decisions.items() if d.outcome is Outcome.DENY]
         try:
-            message_id = await self.intake.accept(
-                sender, envelope.mail_from, envelope.rcpt_tos, content
-            )
+            message_id = None
+            if deliver:
+                message_id = await self.intake.accept(sender, envelope.mail_from, deliver, content)
+            if refused:
+                failed = [
+                    FailedRecipient(a, d.enhanced_code, replies.decision(d, a)) for a, d in refused
+                ]
+                await self.intake.bounce(envelope.mail_from, content, failed, message_id or "-")
         except StorageFullError:
             return replies.STORAGE_FULL
-        return replies.queued(message_id)
+        return replies.queued(message_id) if message_id else replies.ALL_REFUSED_REPORTED
+
+    async def _apply_header_rules(
+        self, sender: SenderFacts, decisions: dict[str, Decision], fields: list[HeaderField]
+    ) -> dict[str, Decision] | None:
+        """Patients must not see each other's addresses: None means refuse the message.
+
+        In bounce mode the patient recipients are refused (and reported) instead,
+        and the rest of the message goes on.
+        """
+        patients = frozenset(
+            d.patient_id
+            for d in decisions.values()
+            if d.patient_id is not None and d.outcome is not Outcome.DENY
+        )
+        exposure = await asyncio.to_thread(self.gate.exposure, patients, shown_addresses(fields))
+        if exposure is None:
+            return decisions
+        for address, decision in decisions.items():
+            if decision.patient_id in patients:
+                refusal = replace(exposure, patient_id=decision.patient_id)
+                await self.intake.record_refusal(sender, address, refusal)
+        if not self.bounce_denials:
+            return None
+        return {
+            a: (replace(exposure, patient_id=d.patient_id) if d.patient_id in patients else d)
+            for a, d in decisions.items()
+        }
 
     async def handle_exception(self, error: Exception) -> str:
         """A fault in the gateway is temporary for the client: never a 500."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from gateway.cli.cert import cert
+from gateway.cli.check import check
 from gateway.cli.consent import consent
 from gateway.cli.patient import patient
 from gateway.cli.relationship import relationship
@@ -30,6 +31,7 @@ cli.add_command(patient)
 cli.add_command(relationship)
 cli.add_command(consent)
 cli.add_command(cert)
+cli.add_command(check)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from consent_registry.addresses import (
     normalise_domain,
     parse_address,
 )
-from policies.facts import RecipientFacts
 
 
 @pytest.mark.parametrize(
@@ -74,13 +73,6 @@ def test_unicode_and_a_label_forms_give_the_same_key() -> None:
 )
 def test_is_ascii(text: str, is_ascii: bool) -> None:
     assert parse_address(text).is_ascii is is_ascii
-
-
-def test_recipient_facts() -> None:
-    facts = parse_address("Anna+Tag@Bücher.de").recipient_facts()
-    assert facts == RecipientFacts(
-        address="Anna+Tag@Bücher.de", key="anna@xn--bcher-kva.de", domain="xn--bcher-kva.de"
-    )
 
 
 @pytest.mark.parametrize(

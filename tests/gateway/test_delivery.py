@@ -185,7 +185,12 @@ def test_permanent_refusal_of_data_fails_every_recipient(
         settings = make_settings(delivery=f"smtp://127.0.0.1:{hop.port}", delivery_ca_file=ca_file)
         running = start_gateway(settings)
         _send(running, [f"a@{DOMAIN}", f"b@{DOMAIN}"])
-        _wait(lambda: {s for s, _ in _states(settings).values()} == {"failed"}, "both to fail")
-        assert hop.received == []
+        _wait(
+            lambda: {_states(settings).get(f"{n}@{DOMAIN}", ("",))[0] for n in "ab"} == {"failed"},
+            "both to fail",
+        )
+        (report,) = hop.wait_for(1)  # what arrives is the bounce to the sender, not the message
+        assert (report.mail_from, report.rcpt_tos) == ("<>", (SENDER,))
+        assert b"rota attached" not in report.content
     finally:
         hop.stop()

@@ -119,10 +119,10 @@ def test_gateway_replies_carry_matching_enhanced_codes(constant: str) -> None:
 
 
 def test_decision_deny() -> None:
-    result = Decision(Outcome.DENY, Reason.EXTERNAL_NOT_ENABLED, "default-deny-external")
+    result = Decision(Outcome.DENY, Reason.NO_CONSENT, "active-consent")
     assert replies.decision(result, "patient@example.org") == (
-        "550 5.7.1 <patient@example.org>: This gateway does not yet send mail outside the "
-        "practice; the recipient was not accepted."
+        "550 5.7.1 <patient@example.org>: There is no documented consent from this patient "
+        "to e-mail at this address."
     )
 
 

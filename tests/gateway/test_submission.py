@@ -258,9 +258,12 @@ def test_too_many_recipients_is_452_4_5_3(
     client.quit()
 
 
-def test_recipient_outside_the_practice_is_refused_until_policy_allows_it(
-    gateway: GatewayThread, sink: Sink
+def test_unknown_external_recipient_is_refused_when_the_practice_says_so(
+    make_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], GatewayThread],
+    sink: Sink,
 ) -> None:
+    gateway = start_gateway(make_settings(unknown_external="bounce"))
     client = gateway.logged_in("drsmith", PASSWORD)
     client.docmd("MAIL", f"FROM:<{SENDER}>")
     code, text = client.docmd("RCPT", "TO:<patient@example.org>")
@@ -268,7 +271,7 @@ def test_recipient_outside_the_practice_is_refused_until_policy_allows_it(
     assert text.startswith(b"5.7.1 <patient@example.org>: ")
     client.quit()
     (denied,) = _audit(gateway.settings, "message.denied")
-    assert (denied.recipient, denied.reason) == ("patient@example.org", "EXTERNAL_NOT_ENABLED")
+    assert (denied.recipient, denied.reason) == ("patient@example.org", "UNKNOWN_EXTERNAL")
 
 
 @pytest.mark.parametrize(

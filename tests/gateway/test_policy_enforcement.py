@@ -1,0 +1,390 @@
+"""The policy in the SMTP dialogue, end to end: smtplib as the mail client,
+``cgw``'s registry behind it, a verified-TLS next hop in front of it."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlmodel import Session, select
+
+from consent_registry import consents, patients, relationships
+from consent_registry.consents import ConsentTerms
+from consent_registry.db import make_engine, session_scope
+from consent_registry.models import AuditEvent, QueueRecipient
+from consent_registry.users import add_user
+from gateway.settings import Settings
+from tests.conftest import DOMAIN, PASSWORD
+from tests.gateway.test_durability import _wait
+from tests.runner import GatewayThread
+from tests.sink import Sink
+
+SENDER = f"dr.smith@{DOMAIN}"
+UTC_ZONE = ZoneInfo("UTC")
+
+
+@dataclass
+class Practice:
+    settings: Settings
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        engine = make_engine(self.settings.database_url)
+        try:
+            with session_scope(engine) as session:
+                yield session
+        finally:
+            engine.dispose()
+
+    def patient(self, name: str, email_address: str, mrn: str) -> int:
+        with self.session() as session:
+            return patients.add_patient(session, name, [email_address], mrn, "test", _now()).id
+
+    def relate(self, mrn: str, clinician: str, since: date | None = None) -> int:
+        with self.session() as session:
+            patient = patients.resolve_patient(session, mrn)
+            return relationships.add_relationship(
+                session,
+                patient,
+                clinician,
+                since or date(2020, 1, 1),
+                "primary",
+                "test",
+                _now(),
+                UTC_ZONE,
+            ).id
+
+    def end_relationship(self, relationship_id: int) -> None:
+        with self.session() as session:
+            relationships.end_relationship(
+                session,
+                relationship_id,
+                date.today() - timedelta(days=1),
+                "test",
+                _now(),
+                UTC_ZONE,
+            )
+
+    def consent(self, mrn: str, email_address: str, **terms: object) -> int:
+        with self.session() as session:
+            (view,) = consents.grant_many(
+                session,
+                [ConsentTerms(patient=mrn, email=email_address, **terms)],  # type: ignore[arg-type]
+                "test",
+                _now(),
+                UTC_ZONE,
+            )
+            return view.id
+
+    def revoke(self, consent_id: int) -> None:
+        with self.session() as session:
+            consents.revoke(session, consent_id, "test", "test", _now(), UTC_ZONE)
+
+    def audit(self) -> list[AuditEvent]:
+        with self.session() as session:
+            return list(session.exec(select(AuditEvent).order_by(AuditEvent.seq)).all())
+
+    def queue(self) -> list[QueueRecipient]:
+        with self.session() as session:
+            return list(session.exec(select(QueueRecipient)).all())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def practice_gateway(
+    sink: Sink,
+    ca_file: Path,
+    make_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], GatewayThread],
+) -> Callable[..., tuple[GatewayThread, Practice]]:
+    def start(**overrides: object) -> tuple[GatewayThread, Practice]:
+        settings = make_settings(
+            delivery=f"smtp://127.0.0.1:{sink.port}",
+            delivery_ca_file=ca_file,
+            timezone="UTC",
+            **overrides,
+        )
+        running = start_gateway(settings)
+        practice = Practice(settings)
+        with practice.session() as session:
+            for name in ("drjones", "nurse"):
+                role = "staff" if name == "nurse" else "clinician"
+                add_user(session, name, [f"{name}@{DOMAIN}"], role, PASSWORD, "test", _now())
+        # Anna: Dr Smith's patient, consented for TLS delivery (the sink offers verified TLS).
+        practice.patient("Anna Muster", "anna@example.org", "A-1")
+        practice.relate("A-1", "drsmith")
+        practice.consent("A-1", "anna@example.org", delivery="tls")
+        # Bob: another consented patient of Dr Smith's.
+        practice.patient("Bob Beispiel", "bob@example.org", "B-2")
+        practice.relate("B-2", "drsmith")
+        practice.consent("B-2", "bob@example.org", delivery="tls")
+        return running, practice
+
+    return start
+
+
+def _message(to: str, cc: str = "") -> bytes:
+    head = f"From: Dr Smith <{SENDER}>\r\nTo: {to}\r\n" + (f"Cc: {cc}\r\n" if cc else "")
+    return (head + "Subject: your results\r\n\r\nYour results are normal.\r\n").encode()
+
+
+def _rcpt(running: GatewayThread, address: str, login: str = "drsmith") -> tuple[int, bytes]:
+    client = running.logged_in(login, PASSWORD)
+    client.docmd("MAIL", f"FROM:<{login.replace('drsmith', 'dr.smith')}@{DOMAIN}>")
+    reply = client.docmd("RCPT", f"TO:<{address}>")
+    client.quit()
+    return reply
+
+
+def test_consented_patient_is_delivered_over_verified_tls(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]], sink: Sink
+) -> None:
+    running, practice = practice_gateway()
+    client = running.logged_in("drsmith", PASSWORD)
+    assert client.sendmail(SENDER, ["Anna+results@EXAMPLE.org"], _message("anna@example.org")) == {}
+    client.quit()
+    (received,) = sink.wait_for(1)
+    assert received.tls and received.rcpt_tos == ("Anna+results@EXAMPLE.org",)
+    (row,) = practice.queue()
+    assert (row.protection, row.reason) == ("tls", "PATIENT_CONSENTED")
+    accepted = [e for e in practice.audit() if e.action == "message.accepted"]
+    assert [(e.reason, e.decision, e.consent_id is not None) for e in accepted] == [
+        ("PATIENT_CONSENTED", "allow", True)
+    ]
+
+
+SENTENCES = {
+    "NO_CONSENT": b"There is no documented consent from this patient",
+    "CONSENT_REVOKED": b"The patient has withdrawn consent",
+    "CONSENT_EXPIRED": b"consent to e-mail at this address has expired",
+    "NO_RELATIONSHIP": b"no established physician-patient relationship",
+    "RELATIONSHIP_ENDED": b"relationship with this patient has ended",
+}
+
+
+def _no_consent(p: Practice) -> None:
+    p.patient("Carl", "carl@example.org", "C-3")
+    p.relate("C-3", "drsmith")
+
+
+def _revoked(p: Practice) -> None:
+    p.patient("Carl", "carl@example.org", "C-3")
+    p.relate("C-3", "drsmith")
+    p.revoke(p.consent("C-3", "carl@example.org", delivery="tls"))
+
+
+def _expired(p: Practice) -> None:
+    p.patient("Carl", "carl@example.org", "C-3")
+    p.relate("C-3", "drsmith")
+    p.consent(
+        "C-3", "carl@example.org", delivery="tls", valid_from=date(2024, 1, 1), expires=date.today()
+    )
+
+
+def _no_relationship(p: Practice) -> None:
+    p.patient("Carl", "carl@example.org", "C-3")
+    p.consent("C-3", "carl@example.org", delivery="tls")
+
+
+def _wrong_clinician(p: Practice) -> None:
+    p.patient("Carl", "carl@example.org", "C-3")
+    p.relate("C-3", "drjones")
+    p.consent("C-3", "carl@example.org", delivery="tls", clinician="drjones")
+
+
+def _ended(p: Practice) -> None:
+    p.patient("Carl", "carl@example.org", "C-3")
+    p.end_relationship(p.relate("C-3", "drsmith", since=date(2020, 1, 1)))
+    p.consent("C-3", "carl@example.org", delivery="tls")
+
+
+@pytest.mark.parametrize(
+    ("arrange", "reason"),
+    [
+        (_no_consent, "NO_CONSENT"),
+        (_revoked, "CONSENT_REVOKED"),
+        (_expired, "CONSENT_EXPIRED"),
+        (_no_relationship, "NO_RELATIONSHIP"),
+        (_wrong_clinician, "NO_RELATIONSHIP"),
+        (_ended, "RELATIONSHIP_ENDED"),
+    ],
+    ids=["no-consent", "revoked", "expired", "no-relationship", "wrong-clinician", "ended"],
+)
+def test_refused_at_rcpt_with_the_reason(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]],
+    sink: Sink,
+    arrange: Callable[[Practice], None],
+    reason: str,
+) -> None:
+    running, practice = practice_gateway()
+    arrange(practice)
+    code, text = _rcpt(running, "Carl@Example.org")
+    assert code == 550
+    assert text.startswith(b"5.7.1 <Carl@Example.org>: ")
+    assert SENTENCES[reason] in text
+    denied = [e for e in practice.audit() if e.action == "message.denied"]
+    assert [(e.recipient, e.reason) for e in denied] == [("Carl@Example.org", reason)]
+    assert sink.received == []
+
+
+@pytest.mark.parametrize(
+    ("to", "cc", "envelope"),
+    [
+        ("anna@example.org, bob@example.org", "", ["anna@example.org", "bob@example.org"]),
+        ("anna@example.org", "Bob <bob@example.org>", ["anna@example.org", "bob@example.org"]),
+        # Bob is only in the header, not the envelope: Anna would still see him.
+        ("anna@example.org, bob+x@example.org", "", ["anna@example.org"]),
+    ],
+    ids=["two-in-to", "one-in-cc", "header-only"],
+)
+def test_patients_shown_to_each_other_are_refused_after_data(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]],
+    sink: Sink,
+    to: str,
+    cc: str,
+    envelope: list[str],
+) -> None:
+    running, practice = practice_gateway()
+    client = running.logged_in("drsmith", PASSWORD)
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        client.sendmail(SENDER, envelope, _message(to, cc))
+    assert refused.value.smtp_code == 550
+    assert b"another patient's address" in refused.value.smtp_error
+    client.quit()
+    assert sink.received == [] and practice.queue() == []
+    assert {e.reason for e in practice.audit() if e.action == "message.denied"} == {
+        "PATIENTS_EXPOSED"
+    }
+
+
+def test_patients_in_bcc_are_fine(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]], sink: Sink
+) -> None:
+    running, _ = practice_gateway()
+    client = running.logged_in("drsmith", PASSWORD)
+    message = _message(f"Dr Smith <{SENDER}>").replace(
+        b"Subject:", b"Bcc: anna@example.org, bob@example.org\r\nSubject:"
+    )
+    assert client.sendmail(SENDER, ["anna@example.org", "bob@example.org"], message) == {}
+    client.quit()
+    (received,) = sink.wait_for(1)
+    assert set(received.rcpt_tos) == {"anna@example.org", "bob@example.org"}
+    assert b"Bcc:" not in received.content
+
+
+def test_mixed_recipients_in_reject_mode_deliver_to_the_allowed_only(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]], sink: Sink
+) -> None:
+    running, practice = practice_gateway()
+    _no_consent(practice)
+    client = running.logged_in("drsmith", PASSWORD)
+    refused = client.sendmail(
+        SENDER,
+        ["anna@example.org", "carl@example.org", f"team@{DOMAIN}"],
+        _message("anna@example.org"),
+    )
+    client.quit()
+    assert list(refused) == ["carl@example.org"] and refused["carl@example.org"][0] == 550
+    (received,) = sink.wait_for(1)
+    assert set(received.rcpt_tos) == {"anna@example.org", f"team@{DOMAIN}"}
+
+
+def test_mixed_recipients_in_bounce_mode_get_one_report(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]], sink: Sink
+) -> None:
+    running, practice = practice_gateway(denial_mode="bounce")
+    _no_consent(practice)
+    _wrong_clinician_patient = practice.patient("Dora", "dora@example.org", "D-4")
+    client = running.logged_in("drsmith", PASSWORD)
+    refused = client.sendmail(
+        SENDER,
+        ["anna@example.org", "carl@example.org", "dora@example.org"],
+        _message("anna@example.org"),
+    )
+    client.quit()
+    assert refused == {}  # bounce mode: accepted in the dialogue ...
+    delivered = sink.wait_for(2)
+    by_recipient = {r.rcpt_tos: r for r in delivered}
+    assert ("anna@example.org",) in by_recipient
+    report = by_recipient[(SENDER,)]  # ... and reported in one DSN to the sender
+    assert report.mail_from == "<>"  # the null sender
+    parsed = email.message_from_bytes(report.content, policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    status = next(p for p in parsed.walk() if p.get_content_type() == "message/delivery-status")
+    text = status.as_string()
+    assert "Final-Recipient: rfc822; carl@example.org" in text
+    assert "Final-Recipient: rfc822; dora@example.org" in text
+    assert "Status: 5.7.1" in text
+    assert b"Your results are normal" not in report.content  # never the body
+    assert len(sink.received) == 2 and _wrong_clinician_patient > 0
+
+
+def test_consent_without_a_secure_channel_is_held(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]], sink: Sink
+) -> None:
+    running, practice = practice_gateway()
+    practice.patient("Eve", "eve@example.org", "E-5")
+    practice.relate("E-5", "drsmith")
+    practice.consent("E-5", "eve@example.org")  # encrypted, and no certificate on file
+    client = running.logged_in("drsmith", PASSWORD)
+    assert client.sendmail(SENDER, ["eve@example.org"], _message("eve@example.org")) == {}
+    client.quit()
+    (row,) = practice.queue()
+    assert (row.state, row.reason) == ("quarantined", "NO_SECURE_CHANNEL")
+    assert [e.reason for e in practice.audit() if e.action == "message.quarantined"] == [
+        "NO_SECURE_CHANNEL"
+    ]
+    assert sink.received == []
+
+
+def test_staff_send_on_behalf_unless_the_practice_refuses(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]],
+) -> None:
+    running, _ = practice_gateway()
+    client = running.logged_in("nurse", PASSWORD)
+    client.docmd("MAIL", f"FROM:<nurse@{DOMAIN}>")
+    assert client.docmd("RCPT", "TO:<anna@example.org>")[0] == 250
+    client.quit()
+
+
+def test_staff_refused_when_the_practice_says_so(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]],
+) -> None:
+    running, _ = practice_gateway(staff_patient_mail="refuse")
+    client = running.logged_in("nurse", PASSWORD)
+    client.docmd("MAIL", f"FROM:<nurse@{DOMAIN}>")
+    code, text = client.docmd("RCPT", "TO:<anna@example.org>")
+    assert code == 550 and b"Only clinicians may e-mail patients" in text
+    client.quit()
+
+
+def test_permanent_failure_at_the_next_hop_bounces_to_the_sender(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]], sink: Sink
+) -> None:
+    sink.handler.rcpt_replies["anna@example.org"] = "550 5.1.1 mailbox unavailable"
+    running, practice = practice_gateway()
+    client = running.logged_in("drsmith", PASSWORD)
+    client.sendmail(SENDER, ["anna@example.org"], _message("anna@example.org"))
+    client.quit()
+    (report,) = sink.wait_for(1)
+    assert report.mail_from == "<>"  # the null sender and report.rcpt_tos == (SENDER,)
+    parsed = email.message_from_bytes(report.content, policy=email.policy.default)
+    status = next(p for p in parsed.walk() if p.get_content_type() == "message/delivery-status")
+    assert "Final-Recipient: rfc822; anna@example.org" in status.as_string()
+    assert "550 5.1.1 mailbox unavailable" in status.as_string()
+    headers = next(p for p in parsed.walk() if p.get_content_type() == "text/rfc822-headers")
+    assert "Subject: your results" in headers.as_string()
+    assert b"Your results are normal" not in report.content
+    _wait(lambda: any(r.state == "failed" for r in practice.queue()), "the failure")
