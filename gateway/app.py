@@ -24,6 +24,7 @@ from gateway.crypto_at_rest import load_or_create_key
 from gateway.delivery import DeliveryWorker
 from gateway.intake import Intake
 from gateway.policy_gate import PolicyGate
+from gateway.protection import Protector
 from gateway.queue import QueueStore, RetryPolicy
 from gateway.relay import OutboxRelay, Relay, SmtpRelay
 from gateway.settings import ListenAddress, Settings
@@ -131,7 +132,8 @@ class Gateway:
             settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime
         )
         intake = Intake(engine, spool, settings.hostname, self._wake)
-        self.worker = DeliveryWorker(queue, spool, relay, retry, intake.bounce)
+        protector = Protector(engine, settings.protect_subject)
+        self.worker = DeliveryWorker(queue, spool, relay, retry, intake.bounce, protector)
         handler = SubmissionHandler(
             authenticator=Authenticator(
                 engine,

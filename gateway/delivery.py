@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from gateway.bounce import FailedRecipient
+from gateway.protection import ProtectionUnavailable, Protector
 from gateway.queue import (
     ClaimedMessage,
     ClaimedRecipient,
@@ -43,6 +44,7 @@ class DeliveryWorker:
         relay: Relay,
         retry: RetryPolicy,
         bounce: Bounce,
+        protector: Protector,
         concurrency: int = 8,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -51,6 +53,7 @@ class DeliveryWorker:
         self.relay = relay
         self.retry = retry
         self.bounce = bounce
+        self.protector = protector
         self.clock = clock
         self.concurrency = concurrency
         self._wake = asyncio.Event()
@@ -130,11 +133,19 @@ class DeliveryWorker:
         content: bytes,
     ) -> dict[str, RecipientResult]:
         addresses = [r.address for r in group]
-        if protection == Protection.SMIME.value:
-            # Never in the clear: until S/MIME encryption is wired in, wait.
-            wait = RecipientResult(Verdict.DEFERRED, "S/MIME encryption is not available yet")
-            return dict.fromkeys(addresses, wait)
-        return await self.relay.send(message.message_id, message.mail_from, addresses, content)
+        if protection != Protection.SMIME.value:
+            return await self.relay.send(message.message_id, message.mail_from, addresses, content)
+        results: dict[str, RecipientResult] = {}
+        for rcpt in group:  # each recipient gets a copy only their key opens
+            try:
+                sealed = await asyncio.to_thread(self.protector.smime, rcpt.certificate_id, content)
+            except ProtectionUnavailable as exc:
+                results[rcpt.address] = RecipientResult(Verdict.DEFERRED, str(exc))
+                continue
+            results.update(
+                await self.relay.send(message.message_id, message.mail_from, [rcpt.address], sealed)
+            )
+        return results
 
 
 def _by_protection(message: ClaimedMessage) -> dict[str, list[ClaimedRecipient]]:

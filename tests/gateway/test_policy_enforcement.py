@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
+import os
 import smtplib
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -388,3 +392,62 @@ def test_permanent_failure_at_the_next_hop_bounces_to_the_sender(
     assert "Subject: your results" in headers.as_string()
     assert b"Your results are normal" not in report.content
     _wait(lambda: any(r.state == "failed" for r in practice.queue()), "the failure")
+
+
+def test_cgw_check_tells_staff_what_the_gateway_would_do(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]],
+) -> None:
+    running, practice = practice_gateway()
+    _no_consent(practice)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
+    env.update(
+        CGW_DATA_DIR=str(running.settings.data_dir),
+        CGW_DATABASE_URL=running.settings.database_url,
+        CGW_PRACTICE_DOMAINS=DOMAIN,
+    )
+    cgw = str(Path(sys.executable).with_name("cgw"))
+
+    def check(*recipients: str, as_json: bool = False) -> subprocess.CompletedProcess[str]:
+        args = [a for r in recipients for a in ("--to", r)] + (["--json"] if as_json else [])
+        return subprocess.run(
+            [cgw, "check", "--from", SENDER, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    def outcomes(*recipients: str) -> tuple[dict[str, tuple[str, str, str]], object]:
+        done = check(*recipients, as_json=True)
+        assert done.returncode == 0, done.stderr
+        verdict = json.loads(done.stdout)
+        rows = {
+            r["to"]: (r["outcome"], r["reason"], r["protection"]) for r in verdict["recipients"]
+        }
+        return rows, verdict["message"]
+
+    assert outcomes("anna@example.org", f"team@{DOMAIN}") == (
+        {
+            "anna@example.org": ("allow", "PATIENT_CONSENTED", "tls"),
+            f"team@{DOMAIN}": ("allow", "INTERNAL", "none"),
+        },
+        None,
+    )
+    assert outcomes("Carl@example.org")[0] == {"Carl@example.org": ("deny", "NO_CONSENT", "none")}
+    both = check("anna@example.org", "bob@example.org")
+    assert both.returncode == 0
+    assert "another patient's address" in both.stdout
+    # What check says is what the gateway does.
+    code, text = _rcpt(running, "Carl@example.org")
+    assert code == 550 and SENTENCES["NO_CONSENT"] in text
+    unknown = subprocess.run(
+        [cgw, "check", "--from", "nobody@example.org", "--to", "a@b.example"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == (
+        "cgw: error: nobody@example.org is not the address of an active cgw user"
+    )

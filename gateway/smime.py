@@ -1,0 +1,63 @@
+"""S/MIME encryption of an outgoing message: bytes in, bytes out.
+
+The original MIME entity (its Content-* fields and body, untouched) is
+enveloped for the recipient's certificate with AES-256-CBC, the strongest
+content cipher ``cryptography``'s envelope builder offers. The outer
+message keeps the routing fields (From, To, Cc, Date, Message-ID, ...) and,
+with ``CGW_PROTECT_SUBJECT``, shows a neutral Subject while the real one
+travels inside the encryption, beside the other protected header fields.
+The DER envelope is base64-encoded in chunks (far cheaper than the
+builder's own S/MIME output encoding).
+"""
+
+from __future__ import annotations
+
+import binascii
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from gateway.headers import CRLF, parse_fields, split_message
+
+NEUTRAL_SUBJECT = b"Subject: Encrypted message\r\n"
+# Fields repeated inside the encryption, so the decrypted message is whole.
+_PROTECTED = ("subject", "from", "to", "cc", "date", "message-id", "reply-to")
+_LINE = 57  # 57 bytes of DER become one 76-character base64 line
+
+
+def encrypt(message: bytes, certificates: list[x509.Certificate], protect_subject: bool) -> bytes:
+    """The message enveloped for ``certificates`` (the recipient's, and an archive's)."""
+    header_block, rest = split_message(message)
+    fields = parse_fields(header_block)
+    content_fields = [f.raw for f in fields if f.name.startswith("content-")]
+    if not any(f.name == "content-type" for f in fields):
+        content_fields.insert(0, b"Content-Type: text/plain; charset=us-ascii\r\n")
+    protected = [f.raw for f in fields if f.name in _PROTECTED]
+    inner = b"".join(content_fields + protected) + (rest or CRLF)
+    builder = pkcs7.PKCS7EnvelopeBuilder().set_data(inner)
+    for certificate in certificates:
+        builder = builder.add_recipient(certificate)
+    builder = builder.set_content_encryption_algorithm(algorithms.AES256)
+    der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    outer = [
+        f.raw
+        for f in fields
+        if not f.name.startswith("content-")
+        and f.name != "mime-version"
+        and not (protect_subject and f.name == "subject")
+    ]
+    if protect_subject:
+        outer.append(NEUTRAL_SUBJECT)
+    outer += [
+        b"MIME-Version: 1.0\r\n",
+        b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name=smime.p7m\r\n",
+        b"Content-Transfer-Encoding: base64\r\n",
+        b"Content-Disposition: attachment; filename=smime.p7m\r\n",
+    ]
+    body = b"".join(
+        binascii.b2a_base64(der[i : i + _LINE], newline=False) + CRLF
+        for i in range(0, len(der), _LINE)
+    )
+    return b"".join(outer) + CRLF + body
