@@ -38,6 +38,7 @@ class AuditAction(enum.StrEnum):
     CONSENT_REVOKED = "consent.revoked"
     CONSENTS_EXPORTED = "consent.exported"
     CERTIFICATE_IMPORTED = "certificate.imported"
+    QUEUE_RETRIED = "queue.retried"
 
 
 @dataclass(frozen=True)

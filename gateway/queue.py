@@ -302,12 +302,26 @@ class QueueStore:
                 .limit(1)
             ).first()
 
+    def retry_now(self, message_id: str, now: datetime) -> int:
+        """Make a message's deferred recipients due at once; how many there were."""
+        with session_scope(self.engine) as session:
+            rows = session.exec(
+                select(QueueRecipient)
+                .where(QueueRecipient.message_id == message_id)
+                .where(QueueRecipient.state == RecipientState.DEFERRED.value)
+            ).all()
+            for row in rows:
+                row.next_attempt_at = now
+                session.add(row)
+            return len(rows)
+
     def pending(self) -> list[QueueRow]:
+        """Every recipient not yet delivered or failed, oldest message first."""
         with Session(self.engine) as session:
             rows = session.exec(
                 select(QueueRecipient, QueueMessage)
                 .join(QueueMessage, col(QueueMessage.id) == QueueRecipient.message_id)
-                .where(col(QueueRecipient.state).in_(DUE_STATES))
+                .where(col(QueueRecipient.state).in_(OPEN_STATES))
                 .order_by(col(QueueMessage.received_at), col(QueueRecipient.id))
             ).all()
             return [

@@ -29,6 +29,7 @@ class SinkHandler:
     received: list[Received] = field(default_factory=list)
     data_replies: list[str] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds each DATA takes, to hold deliveries in flight
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     async def handle_RCPT(
@@ -41,6 +42,8 @@ class SinkHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.data_replies:
             reply = self.data_replies.pop(0)
             if not reply.startswith("250"):

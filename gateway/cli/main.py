@@ -12,6 +12,7 @@ from gateway.cli.cert import cert
 from gateway.cli.check import check
 from gateway.cli.consent import consent
 from gateway.cli.patient import patient
+from gateway.cli.queue import queue
 from gateway.cli.relationship import relationship
 from gateway.cli.serve import config, init, serve
 from gateway.cli.user import user
@@ -32,6 +33,7 @@ cli.add_command(relationship)
 cli.add_command(consent)
 cli.add_command(cert)
 cli.add_command(check)
+cli.add_command(queue)
 
 
 def main() -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import smtplib
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -113,29 +112,6 @@ class ServeProcess:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(30)
         return self.process.returncode
-
-
-@pytest.fixture
-def serve_env(
-    make_settings: Callable[..., Settings], ca_file: Path
-) -> Iterator[Callable[..., dict[str, str]]]:
-    def build(settings: Settings, delivery: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
-        env.update(
-            CGW_DATA_DIR=str(settings.data_dir),
-            CGW_DATABASE_URL=settings.database_url,
-            CGW_HOSTNAME="gateway.test",
-            CGW_INSTANCE_NAME="crash-test",
-            CGW_SUBMISSION_LISTEN="127.0.0.1:0",
-            CGW_SMTPS_LISTEN="",
-            CGW_PRACTICE_DOMAINS=DOMAIN,
-            CGW_DELIVERY=delivery,
-            CGW_DELIVERY_CA_FILE=str(ca_file),
-            CGW_DELIVERY_TIMEOUT="10s",
-        )
-        return env
-
-    yield build
 
 
 def _send(port: int, cafile: Path, content: bytes) -> str:
