@@ -17,10 +17,10 @@ from zoneinfo import ZoneInfo
 
 from sqlmodel import Session, col, select
 
-from consent_registry.addresses import AddressError, parse_address
+from consent_registry.addresses import Address, AddressError, parse_address
 from consent_registry.errors import NotFoundError, RegistryError
 from consent_registry.models import Consent, Patient, PatientAddress, User
-from consent_registry.patients import PatientIndex, check_mrn
+from consent_registry.patients import PatientIndex, address_row, check_mrn
 from policies.facts import Role
 from policies.status import ConsentStatus, consent_status, practice_day
 
@@ -177,7 +177,7 @@ class _Grants:
         clinician_id = self._clinician(terms.clinician, fail)
         assert patient.id is not None
         if address.key not in self.keys_of[patient.id] and terms.patient_name:
-            self._register_address(patient, address.written, address.key, terms, fail)
+            self._register_address(patient, address, terms, fail)
         if address.key not in self.keys_of[patient.id]:
             raise fail(
                 "email",
@@ -225,22 +225,15 @@ class _Grants:
         raise fail("patient", f"no patient {terms.patient!r} (give an id, an MRN or an address)")
 
     def _register_address(
-        self, patient: Patient, written: str, key: str, terms: ConsentTerms, fail: _Fail
+        self, patient: Patient, address: Address, terms: ConsentTerms, fail: _Fail
     ) -> None:
         """An import that names the patient may bring an address of theirs not yet known."""
+        key = address.key
         owner = self.owner_of.get(key)
         if owner is not None:
-            raise fail("email", f"{written} belongs to patient {owner}, not {patient.id}")
+            raise fail("email", f"{address.written} belongs to patient {owner}, not {patient.id}")
         assert patient.id is not None
-        self.session.add(
-            PatientAddress(
-                patient_id=patient.id,
-                address=written,
-                address_key=key,
-                added_at=self.now,
-                added_by=terms.recorded_by or "import",
-            )
-        )
+        self.session.add(address_row(patient.id, address, terms.recorded_by or "import", self.now))
         self.patients.add(patient, [key])
         self.keys_of[patient.id].add(key)
         self.owner_of[key] = patient.id

@@ -15,7 +15,7 @@ from datetime import datetime
 from sqlmodel import Session, col, select
 
 from consent_registry.address_book import parse_new_addresses, refuse_taken
-from consent_registry.addresses import AddressError, parse_address
+from consent_registry.addresses import Address, AddressError, parse_address
 from consent_registry.errors import NotFoundError, RegistryError
 from consent_registry.models import Patient, PatientAddress
 
@@ -69,15 +69,7 @@ def add_patient(
     session.flush()
     assert patient.id is not None
     for address in parsed:
-        session.add(
-            PatientAddress(
-                patient_id=patient.id,
-                address=address.written,
-                address_key=address.key,
-                added_at=now,
-                added_by=actor,
-            )
-        )
+        session.add(address_row(patient.id, address, actor, now))
     session.flush()
     return views(session, [patient])[0]
 
@@ -88,17 +80,20 @@ def add_patient_email(
     (address,) = parse_new_addresses([email], "--email")
     refuse_taken(session, [address.key])
     assert patient.id is not None
-    session.add(
-        PatientAddress(
-            patient_id=patient.id,
-            address=address.written,
-            address_key=address.key,
-            added_at=now,
-            added_by=actor,
-        )
-    )
+    session.add(address_row(patient.id, address, actor, now))
     session.flush()
     return views(session, [patient])[0]
+
+
+def address_row(patient_id: int, address: Address, actor: str, now: datetime) -> PatientAddress:
+    """A patient's address as stored: as written, and its matching key."""
+    return PatientAddress(
+        patient_id=patient_id,
+        address=address.written,
+        address_key=address.key,
+        added_at=now,
+        added_by=actor,
+    )
 
 
 def resolve_patient(session: Session, ref: str) -> Patient:

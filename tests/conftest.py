@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -225,3 +227,40 @@ def serve_env(
         return env
 
     yield build
+
+
+CGW = str(Path(sys.executable).with_name("cgw"))
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cgw(tmp_path: Path, database_url: str) -> Run:
+    """``cgw`` as a subprocess, the way an admin runs it, on this test's database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
+    env.update(
+        CGW_DATA_DIR=str(tmp_path / "data"),
+        CGW_DATABASE_URL=database_url,
+        CGW_HOSTNAME="gateway.test",
+    )
+
+    def run(
+        *args: str, stdin: str = "", extra: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CGW, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, **(extra or {})},
+            cwd=tmp_path,
+        )
+
+    return run
+
+
+@pytest.fixture
+def initialised(cgw: Run) -> Run:
+    result = cgw("init")
+    assert result.returncode == 0, result.stderr
+    return cgw

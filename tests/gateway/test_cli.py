@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,43 +11,9 @@ from sqlmodel import Session, select
 
 from consent_registry.db import make_engine
 from consent_registry.models import AuditEvent
+from tests.conftest import Run
 
-CGW = str(Path(sys.executable).with_name("cgw"))
 PASSWORD = "a long enough password"
-
-Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def cgw(tmp_path: Path, database_url: str) -> Run:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
-    env.update(
-        CGW_DATA_DIR=str(tmp_path / "data"),
-        CGW_DATABASE_URL=database_url,
-        CGW_HOSTNAME="gateway.test",
-    )
-
-    def run(
-        *args: str, stdin: str = "", extra: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [CGW, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**env, **(extra or {})},
-            cwd=tmp_path,
-        )
-
-    return run
-
-
-@pytest.fixture
-def initialised(cgw: Run) -> Run:
-    result = cgw("init")
-    assert result.returncode == 0, result.stderr
-    return cgw
 
 
 def _error_line(result: subprocess.CompletedProcess[str]) -> str:
