@@ -23,6 +23,8 @@ from gateway.auth import Authenticator
 from gateway.crypto_at_rest import load_or_create_key
 from gateway.delivery import DeliveryWorker
 from gateway.intake import Intake
+from gateway.mx import make_resolver
+from gateway.mx_relay import MxRelay
 from gateway.policy_gate import PolicyGate
 from gateway.protection import Protector
 from gateway.queue import QueueStore, RetryPolicy
@@ -98,7 +100,13 @@ def build_relay(settings: Settings) -> Relay:
             settings.hostname,
             settings.delivery_timeout.total_seconds(),
         )
-    raise NotImplementedError("CGW_DELIVERY=mx is not available yet; use outbox or smtp://")
+    return MxRelay(
+        make_resolver([(s.host, s.port) for s in settings.dns_resolvers]),
+        settings.mx_port,
+        client_context(settings.delivery_ca_file),
+        settings.hostname,
+        settings.delivery_timeout.total_seconds(),
+    )
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,10 @@ class DeliveryWorker:
     ) -> dict[str, RecipientResult]:
         addresses = [r.address for r in group]
         if protection != Protection.SMIME.value:
-            return await self.relay.send(message.message_id, message.mail_from, addresses, content)
+            verified = {r.address for r in group if r.protection == Protection.TLS_REQUIRED.value}
+            return await self.relay.send(
+                message.message_id, message.mail_from, addresses, content, verified
+            )
         results: dict[str, RecipientResult] = {}
         for rcpt in group:  # each recipient gets a copy only their key opens
             try:

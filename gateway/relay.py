@@ -15,7 +15,7 @@ import asyncio
 import json
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -26,8 +26,16 @@ from gateway.settings import DeliveryTarget
 
 
 class Relay(Protocol):
+    """Hands one message to the next hop; ``verified`` names the recipients whose
+    consent demands TLS with a verified certificate all the way to their host."""
+
     async def send(
-        self, message_id: str, mail_from: str, recipients: Sequence[str], content: bytes
+        self,
+        message_id: str,
+        mail_from: str,
+        recipients: Sequence[str],
+        content: bytes,
+        verified: Collection[str] = (),
     ) -> dict[str, RecipientResult]: ...
 
 
@@ -44,7 +52,12 @@ class OutboxRelay:
         self.directory = directory
 
     async def send(
-        self, message_id: str, mail_from: str, recipients: Sequence[str], content: bytes
+        self,
+        message_id: str,
+        mail_from: str,
+        recipients: Sequence[str],
+        content: bytes,
+        verified: Collection[str] = (),
     ) -> dict[str, RecipientResult]:
         await asyncio.to_thread(self._write, message_id, mail_from, recipients, content)
         reply = f"250 written to outbox as {message_id}.eml"
@@ -71,6 +84,8 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 
 class SmtpRelay:
+    """A smarthost: always verified TLS (STARTTLS or implicit), optionally AUTH."""
+
     def __init__(
         self,
         target: DeliveryTarget,
@@ -84,7 +99,12 @@ class SmtpRelay:
         self.timeout = timeout
 
     async def send(
-        self, message_id: str, mail_from: str, recipients: Sequence[str], content: bytes
+        self,
+        message_id: str,
+        mail_from: str,
+        recipients: Sequence[str],
+        content: bytes,
+        verified: Collection[str] = (),
     ) -> dict[str, RecipientResult]:
         client = aiosmtplib.SMTP(
             hostname=self.target.host,
@@ -95,33 +115,47 @@ class SmtpRelay:
             local_hostname=self.local_hostname,
             timeout=self.timeout,
         )
-        options = _mail_options(mail_from, recipients, content)
         try:
             await client.connect()
             if self.target.username:
                 await client.login(self.target.username, self.target.password or "")
-            refused, reply = await client.sendmail(
-                mail_from, recipients, content, mail_options=options
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            return {
-                r.recipient: RecipientResult(verdict_for(r.code), f"{r.code} {r.message}")
-                for r in exc.recipients
-            }
-        except aiosmtplib.SMTPResponseException as exc:
+            return await transaction(client, mail_from, recipients, content)
+        except aiosmtplib.SMTPResponseException as exc:  # greeting or AUTH refused
             result = RecipientResult(verdict_for(exc.code), f"{exc.code} {exc.message}")
             return dict.fromkeys(recipients, result)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            result = RecipientResult(Verdict.DEFERRED, _describe_failure(exc))
-            return dict.fromkeys(recipients, result)
-        finally:
-            await _close(client)
-        results = {r: RecipientResult(Verdict.DELIVERED, f"250 {reply}") for r in recipients}
-        for address, response in refused.items():
-            results[address] = RecipientResult(
-                verdict_for(response.code), f"{response.code} {response.message}"
+            return dict.fromkeys(
+                recipients, RecipientResult(Verdict.DEFERRED, describe_failure(exc))
             )
-        return results
+        finally:
+            await close_quietly(client)
+
+
+async def transaction(
+    client: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], content: bytes
+) -> dict[str, RecipientResult]:
+    """MAIL, RCPT, DATA on a ready connection: what the next hop said per recipient.
+
+    Connection-level failures propagate; the caller decides whether another
+    host is worth trying.
+    """
+    options = _mail_options(mail_from, recipients, content)
+    try:
+        refused, reply = await client.sendmail(mail_from, recipients, content, mail_options=options)
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        return {
+            r.recipient: RecipientResult(verdict_for(r.code), f"{r.code} {r.message}")
+            for r in exc.recipients
+        }
+    except aiosmtplib.SMTPResponseException as exc:
+        result = RecipientResult(verdict_for(exc.code), f"{exc.code} {exc.message}")
+        return dict.fromkeys(recipients, result)
+    results = {r: RecipientResult(Verdict.DELIVERED, f"250 {reply}") for r in recipients}
+    for address, response in refused.items():
+        results[address] = RecipientResult(
+            verdict_for(response.code), f"{response.code} {response.message}"
+        )
+    return results
 
 
 def _mail_options(mail_from: str, recipients: Sequence[str], content: bytes) -> list[str]:
@@ -133,7 +167,7 @@ def _mail_options(mail_from: str, recipients: Sequence[str], content: bytes) -> 
     return options
 
 
-def _describe_failure(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate of the next hop did not verify: {exc.verify_message}"
     cause = exc.__cause__ or exc.__context__
@@ -142,7 +176,7 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def _close(client: aiosmtplib.SMTP) -> None:
+async def close_quietly(client: aiosmtplib.SMTP) -> None:
     if client.is_connected:
         try:
             await client.quit()

@@ -141,6 +141,24 @@ def parse_delivery(value: Any) -> DeliveryTarget:
     )
 
 
+def parse_resolvers(value: Any) -> tuple[ListenAddress, ...]:
+    """DNS servers as "ip" or "ip:port", comma-separated; empty means the system's."""
+    if isinstance(value, tuple):
+        return value
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    servers = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        if item.count(":") == 1 or item.startswith("["):
+            parsed = parse_listen(item)
+            assert parsed is not None
+            servers.append(parsed)
+        else:
+            servers.append(ListenAddress(item, 53))
+    return tuple(servers)
+
+
 def parse_domains(value: Any) -> frozenset[str]:
     items = value.split(",") if isinstance(value, str) else list(value or [])
     domains = set()
@@ -200,6 +218,10 @@ class Settings(BaseSettings):
     retry_backoff: Duration = timedelta(minutes=5)
     retry_backoff_max: Duration = timedelta(seconds=4000)
     delivery_timeout: Duration = timedelta(seconds=60)
+    dns_resolvers: Annotated[
+        tuple[ListenAddress, ...], NoDecode, BeforeValidator(lambda v: parse_resolvers(v))
+    ] = ()
+    mx_port: int = Field(default=25, gt=0, le=65535)
 
     @field_validator("hostname", "instance_name")
     @classmethod
@@ -355,6 +377,8 @@ def masked_settings(settings: Settings) -> dict[str, str]:
             text = ",".join(sorted(value))
         elif isinstance(value, timedelta):
             text = format_duration(value)
+        elif isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
         elif isinstance(value, bool):
             text = str(value).lower()
         else:

@@ -78,8 +78,6 @@ def serve(log_level: str) -> None:
         raise CliError(f"cannot start: {exc}") from None
     except SQLAlchemyError as exc:
         raise CliError(f"cannot start: database error: {exc}") from None
-    except NotImplementedError as exc:
-        raise CliError(str(exc)) from None
 
 
 async def _serve(config: Settings) -> None:
