@@ -26,7 +26,7 @@ from gateway.intake import Intake
 from gateway.mx import make_resolver
 from gateway.mx_relay import MxRelay
 from gateway.policy_gate import PolicyGate
-from gateway.protection import Protector
+from gateway.protection import Protector, load_practice_keys
 from gateway.queue import QueueStore, RetryPolicy
 from gateway.relay import OutboxRelay, Relay, SmtpRelay
 from gateway.settings import ListenAddress, Settings
@@ -140,7 +140,10 @@ class Gateway:
             settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime
         )
         intake = Intake(engine, spool, settings.hostname, self._wake)
-        protector = Protector(engine, settings.protect_subject)
+        archive, signer = load_practice_keys(
+            settings.smime_archive_cert, settings.smime_signing_cert, settings.smime_signing_key
+        )
+        protector = Protector(engine, settings.protect_subject, archive, signer)
         self.worker = DeliveryWorker(queue, spool, relay, retry, intake.bounce, protector)
         handler = SubmissionHandler(
             authenticator=Authenticator(

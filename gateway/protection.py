@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from consent_registry.models import RecipientCertificate
-from gateway.smime import encrypt
+from gateway.smime import Signer, encrypt
 
 
 class ProtectionUnavailable(Exception):
@@ -28,10 +31,14 @@ class Protector:
         self,
         engine: Engine,
         protect_subject: bool,
+        archive: x509.Certificate | None = None,
+        signer: Signer | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.engine = engine
         self.protect_subject = protect_subject
+        self.archive = archive
+        self.signer = signer
         self.clock = clock
 
     def smime(self, certificate_id: int | None, content: bytes) -> bytes:
@@ -42,4 +49,22 @@ class Protector:
             raise ProtectionUnavailable("the recipient's certificate is no longer on file")
         if not row.not_before <= self.clock() < row.not_after:
             raise ProtectionUnavailable("the recipient's certificate is not valid now")
-        return encrypt(content, [x509.load_der_x509_certificate(row.der)], self.protect_subject)
+        recipients = [x509.load_der_x509_certificate(row.der)]
+        if self.archive is not None:
+            recipients.append(self.archive)  # the practice's own copy, for its records
+        return encrypt(content, recipients, self.protect_subject, self.signer)
+
+
+def load_practice_keys(
+    archive: Path | None, signing_cert: Path | None, signing_key: Path | None
+) -> tuple[x509.Certificate | None, Signer | None]:
+    """The archive certificate and the signer from their PEM files, checked at start-up."""
+    archive_cert = x509.load_pem_x509_certificate(archive.read_bytes()) if archive else None
+    if archive_cert is not None and not isinstance(archive_cert.public_key(), rsa.RSAPublicKey):
+        raise ValueError("CGW_SMIME_ARCHIVE_CERT must hold an RSA certificate")
+    if signing_cert is None or signing_key is None:
+        return archive_cert, None
+    key = serialization.load_pem_private_key(signing_key.read_bytes(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ValueError("CGW_SMIME_SIGNING_KEY must be an RSA or EC private key")
+    return archive_cert, Signer(x509.load_pem_x509_certificate(signing_cert.read_bytes()), key)

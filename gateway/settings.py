@@ -218,6 +218,9 @@ class Settings(BaseSettings):
     retry_backoff: Duration = timedelta(minutes=5)
     retry_backoff_max: Duration = timedelta(seconds=4000)
     delivery_timeout: Duration = timedelta(seconds=60)
+    smime_archive_cert: Path | None = None
+    smime_signing_cert: Path | None = None
+    smime_signing_key: Path | None = None
     dns_resolvers: Annotated[
         tuple[ListenAddress, ...], NoDecode, BeforeValidator(lambda v: parse_resolvers(v))
     ] = ()
@@ -251,7 +254,14 @@ class Settings(BaseSettings):
                 raise ValueError("must be 32 bytes, base64-encoded")
         return value
 
-    @field_validator("tls_cert", "tls_key", "delivery_ca_file")
+    @field_validator(
+        "tls_cert",
+        "tls_key",
+        "delivery_ca_file",
+        "smime_archive_cert",
+        "smime_signing_cert",
+        "smime_signing_key",
+    )
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -266,6 +276,10 @@ class Settings(BaseSettings):
             object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'cgw.db'}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("CGW_TLS_CERT: must be set together with CGW_TLS_KEY")
+        if (self.smime_signing_cert is None) != (self.smime_signing_key is None):
+            raise ValueError(
+                "CGW_SMIME_SIGNING_CERT: must be set together with CGW_SMIME_SIGNING_KEY"
+            )
         for name in (
             "queue_lifetime",
             "retry_backoff",

@@ -7,15 +7,19 @@ message keeps the routing fields (From, To, Cc, Date, Message-ID, ...) and,
 with ``CGW_PROTECT_SUBJECT``, shows a neutral Subject while the real one
 travels inside the encryption, beside the other protected header fields.
 The DER envelope is base64-encoded in chunks (far cheaper than the
-builder's own S/MIME output encoding).
+builder's own S/MIME output encoding). With a practice signing certificate,
+the entity is signed first (multipart/signed, detached) and the signed
+whole is encrypted, so the signature is private too.
 """
 
 from __future__ import annotations
 
 import binascii
+from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
@@ -27,7 +31,20 @@ _PROTECTED = ("subject", "from", "to", "cc", "date", "message-id", "reply-to")
 _LINE = 57  # 57 bytes of DER become one 76-character base64 line
 
 
-def encrypt(message: bytes, certificates: list[x509.Certificate], protect_subject: bool) -> bytes:
+@dataclass(frozen=True)
+class Signer:
+    """The practice's signing certificate and key (sign, then encrypt)."""
+
+    certificate: x509.Certificate
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def encrypt(
+    message: bytes,
+    certificates: list[x509.Certificate],
+    protect_subject: bool,
+    signer: Signer | None = None,
+) -> bytes:
     """The message enveloped for ``certificates`` (the recipient's, and an archive's)."""
     header_block, rest = split_message(message)
     fields = parse_fields(header_block)
@@ -36,6 +53,16 @@ def encrypt(message: bytes, certificates: list[x509.Certificate], protect_subjec
         content_fields.insert(0, b"Content-Type: text/plain; charset=us-ascii\r\n")
     protected = [f.raw for f in fields if f.name in _PROTECTED]
     inner = b"".join(content_fields + protected) + (rest or CRLF)
+    if signer is not None:
+        inner = (
+            pkcs7.PKCS7SignatureBuilder()
+            .set_data(inner)
+            .add_signer(signer.certificate, signer.key, hashes.SHA256())
+            .sign(
+                serialization.Encoding.SMIME,
+                [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary],
+            )
+        )
     builder = pkcs7.PKCS7EnvelopeBuilder().set_data(inner)
     for certificate in certificates:
         builder = builder.add_recipient(certificate)

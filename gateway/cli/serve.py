@@ -78,6 +78,8 @@ def serve(log_level: str) -> None:
         raise CliError(f"cannot start: {exc}") from None
     except SQLAlchemyError as exc:
         raise CliError(f"cannot start: database error: {exc}") from None
+    except ValueError as exc:  # e.g. an S/MIME key file that does not load
+        raise CliError(f"cannot start: {exc}") from None
 
 
 async def _serve(config: Settings) -> None:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from consent_registry import certificates
 from gateway.settings import Settings
-from tests.conftest import PASSWORD
+from tests.conftest import DOMAIN, PASSWORD
 from tests.gateway.test_durability import _wait
 from tests.gateway.test_policy_enforcement import SENDER, Practice, _now
 from tests.runner import GatewayThread
@@ -136,3 +136,86 @@ def test_without_subject_protection_the_subject_stays_outside(
     outer = email.message_from_bytes(wire, policy=email.policy.default)
     assert outer["Subject"] == "Befund Schilddrüse 2026"
     assert decrypted.split(b"\r\n\r\n", 1)[1] == BODY
+
+
+def _pem_key(key: object) -> bytes:
+    assert hasattr(key, "private_bytes")
+    return key.private_bytes(  # type: ignore[no-any-return]
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def test_signed_then_encrypted_and_readable_by_the_practice_archive(
+    sink: Sink,
+    ca_file: Path,
+    make_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], GatewayThread],
+    tmp_path: Path,
+) -> None:
+    practice_ca = SmimeCA("practice CA")
+    signer = practice_ca.issue(SENDER)
+    archive = practice_ca.issue(f"archive@{DOMAIN}")
+    files = {}
+    for name, data in {
+        "signer-cert.pem": signer.pem(),
+        "signer-key.pem": _pem_key(signer.key),
+        "archive-cert.pem": archive.pem(),
+        "archive-key.pem": _pem_key(archive.key),
+        "practice-ca.pem": signer.ca_cert.public_bytes(serialization.Encoding.PEM),
+    }.items():
+        files[name] = tmp_path / name
+        files[name].write_bytes(data)
+    wire, decrypted = _deliver_encrypted(
+        sink,
+        ca_file,
+        lambda **kw: make_settings(
+            smime_archive_cert=files["archive-cert.pem"],
+            smime_signing_cert=files["signer-cert.pem"],
+            smime_signing_key=files["signer-key.pem"],
+            **kw,
+        ),
+        start_gateway,
+        tmp_path,
+        protect=True,
+    )
+    signed = email.message_from_bytes(decrypted, policy=email.policy.default)
+    assert signed.get_content_type() == "multipart/signed"
+    (tmp_path / "signed.eml").write_bytes(decrypted)
+    verified = subprocess.run(
+        [
+            "openssl",
+            "cms",
+            "-verify",
+            "-in",
+            str(tmp_path / "signed.eml"),
+            "-CAfile",
+            str(files["practice-ca.pem"]),
+            "-purpose",
+            "any",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert verified.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1] == BODY.replace(b"\r\n", b"\n")
+    (tmp_path / "wire2.eml").write_bytes(wire)
+    archived = subprocess.run(
+        [
+            "openssl",
+            "cms",
+            "-decrypt",
+            "-binary",
+            "-in",
+            str(tmp_path / "wire2.eml"),
+            "-inkey",
+            str(files["archive-key.pem"]),
+            "-recip",
+            str(files["archive-cert.pem"]),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert archived == decrypted  # the practice's archive opens the very same message
