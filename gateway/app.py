@@ -236,5 +236,6 @@ class Gateway:
                 await self._worker_task
         if self.worker is not None:
             await self.worker.drain()
+            await self.worker.close()
         if self._engine is not None:
             self._engine.dispose()

@@ -90,6 +90,10 @@ class DeliveryWorker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
+    async def close(self) -> None:
+        """Let the relay say goodbye to connections it kept open."""
+        await self.relay.close()
+
     async def drain(self) -> None:
         """Wait for deliveries in flight (used at shutdown)."""
         if self._in_flight:

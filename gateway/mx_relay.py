@@ -72,6 +72,9 @@ class MxRelay:
             results.update(await self._to_domain(domain, need_verified, mail_from, group, content))
         return results
 
+    async def close(self) -> None:
+        """Each transaction has its own connection; nothing to release."""
+
     async def _to_domain(
         self, domain: str, need_verified: bool, mail_from: str, group: list[str], content: bytes
     ) -> dict[str, RecipientResult]:

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import ssl
+import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,9 @@ class Relay(Protocol):
         content: bytes,
         verified: Collection[str] = (),
     ) -> dict[str, RecipientResult]: ...
+
+    async def close(self) -> None:
+        """Release what the relay keeps between messages (at shutdown)."""
 
 
 def verdict_for(code: int) -> Verdict:
@@ -63,6 +67,9 @@ class OutboxRelay:
         reply = f"250 written to outbox as {message_id}.eml"
         return {r: RecipientResult(Verdict.DELIVERED, reply) for r in recipients}
 
+    async def close(self) -> None:
+        """Nothing is kept open between messages."""
+
     def _write(
         self, message_id: str, mail_from: str, recipients: Sequence[str], content: bytes
     ) -> None:
@@ -84,7 +91,13 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 
 class SmtpRelay:
-    """A smarthost: always verified TLS (STARTTLS or implicit), optionally AUTH."""
+    """A smarthost: always verified TLS (STARTTLS or implicit), optionally AUTH.
+
+    Connections are reused across messages: after a transaction a connection
+    goes back to a small pool of idle ones (at most ``pool_size``, none older
+    than ``max_idle`` seconds), as Postfix's connection cache does. A pooled
+    connection the next hop has closed meanwhile is replaced by a fresh one.
+    """
 
     def __init__(
         self,
@@ -92,11 +105,16 @@ class SmtpRelay:
         tls_context: ssl.SSLContext,
         local_hostname: str,
         timeout: float,
+        pool_size: int = 8,
+        max_idle: float = 30.0,
     ) -> None:
         self.target = target
         self.tls_context = tls_context
         self.local_hostname = local_hostname
         self.timeout = timeout
+        self.pool_size = pool_size
+        self.max_idle = max_idle
+        self._idle: list[tuple[float, aiosmtplib.SMTP]] = []
 
     async def send(
         self,
@@ -106,6 +124,15 @@ class SmtpRelay:
         content: bytes,
         verified: Collection[str] = (),
     ) -> dict[str, RecipientResult]:
+        pooled = self._take_idle()
+        if pooled is not None:
+            try:
+                results = await transaction(pooled, mail_from, recipients, content)
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError, TimeoutError):
+                await close_quietly(pooled)  # it went stale while idle: start afresh
+            else:
+                self._give_back(pooled)
+                return results
         client = aiosmtplib.SMTP(
             hostname=self.target.host,
             port=self.target.port,
@@ -119,15 +146,38 @@ class SmtpRelay:
             await client.connect()
             if self.target.username:
                 await client.login(self.target.username, self.target.password or "")
-            return await transaction(client, mail_from, recipients, content)
+            results = await transaction(client, mail_from, recipients, content)
         except aiosmtplib.SMTPResponseException as exc:  # greeting or AUTH refused
+            await close_quietly(client)
             result = RecipientResult(verdict_for(exc.code), f"{exc.code} {exc.message}")
             return dict.fromkeys(recipients, result)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await close_quietly(client)
             return dict.fromkeys(
                 recipients, RecipientResult(Verdict.DEFERRED, describe_failure(exc))
             )
-        finally:
+        self._give_back(client)
+        return results
+
+    def _take_idle(self) -> aiosmtplib.SMTP | None:
+        now = time.monotonic()
+        while self._idle:
+            since, client = self._idle.pop()
+            if client.is_connected and now - since < self.max_idle:
+                return client
+            client.close()
+        return None
+
+    def _give_back(self, client: aiosmtplib.SMTP) -> None:
+        if client.is_connected and len(self._idle) < self.pool_size:
+            self._idle.append((time.monotonic(), client))
+        else:
+            client.close()
+
+    async def close(self) -> None:
+        """QUIT every idle connection (at shutdown)."""
+        idle, self._idle = self._idle, []
+        for _, client in idle:
             await close_quietly(client)
 
 

@@ -88,11 +88,17 @@ class Sink:
         self.server: asyncio.Server | None = None
         self.port = 0
         self.connections = 0
+        self.protocols: list[SMTP] = []
 
     def _protocol(self) -> asyncio.Protocol:
         self.connections += 1
         if self.stall:
             return asyncio.Protocol()  # accepts, never greets
+        protocol = self._smtp()
+        self.protocols.append(protocol)
+        return protocol
+
+    def _smtp(self) -> SMTP:
         return SMTP(
             self.handler,
             tls_context=None if self.implicit else self.tls,
@@ -111,11 +117,19 @@ class Sink:
         return AuthResult(success=given == self.credentials)
 
     def start(self) -> Sink:
+        return self.start_on(0)
+
+    def start_on(self, port: int) -> Sink:
+        """Listen on ``port`` (0: any free one), e.g. to stand in for a restarted hop."""
         self.thread.start()
 
         async def listen() -> asyncio.Server:
             return await self.loop.create_server(
-                self._protocol, "127.0.0.1", 0, ssl=self.tls if self.implicit else None
+                self._protocol,
+                "127.0.0.1",
+                port,
+                ssl=self.tls if self.implicit else None,
+                reuse_address=True,
             )
 
         self.server = asyncio.run_coroutine_threadsafe(listen(), self.loop).result(10)
@@ -126,6 +140,9 @@ class Sink:
         async def close() -> None:
             assert self.server is not None
             self.server.close()
+            for protocol in self.protocols:  # as a stopping server does: hang up on clients
+                if protocol.transport is not None:
+                    protocol.transport.close()
 
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -194,3 +194,31 @@ def test_permanent_refusal_of_data_fails_every_recipient(
         assert b"rota attached" not in report.content
     finally:
         hop.stop()
+
+
+def test_connections_to_the_smarthost_are_reused_and_a_stale_one_is_replaced(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    sink_tls: ssl.SSLContext,
+) -> None:
+    hop = Sink(tls=sink_tls).start()
+    try:
+        settings = make_settings(delivery=f"smtp://127.0.0.1:{hop.port}", delivery_ca_file=ca_file)
+        running = start_gateway(settings)
+        for n in range(1, 5):  # one after the other: each finds the previous connection idle
+            _send(running, [f"team@{DOMAIN}"])
+            hop.wait_for(n)
+            _wait(lambda: all(s == "delivered" for s, _ in _states(settings).values()), "done")
+        assert hop.connections == 1
+    finally:
+        hop.stop()
+    # The next hop restarts (its connections die); the next message still goes out.
+    again = Sink(tls=sink_tls)
+    again.start_on(hop.port)
+    try:
+        _send(running, [f"team@{DOMAIN}"])
+        (received,) = again.wait_for(1)
+        assert received.rcpt_tos == (f"team@{DOMAIN}",)
+    finally:
+        again.stop()
