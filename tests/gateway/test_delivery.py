@@ -222,3 +222,39 @@ def test_connections_to_the_smarthost_are_reused_and_a_stale_one_is_replaced(
         assert received.rcpt_tos == (f"team@{DOMAIN}",)
     finally:
         again.stop()
+
+
+def test_still_deferred_after_the_queue_lifetime_bounces_once_and_never_bounces_a_bounce(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    sink_tls: ssl.SSLContext,
+) -> None:
+    slow = f"slow@{DOMAIN}"
+    # The recipient is always 'try later'; the sender's own address refuses mail for good,
+    # so the report about the first message must not cause a report about the report.
+    hop = Sink(
+        tls=sink_tls,
+        rcpt_replies={slow: "451 4.2.1 mailbox busy", SENDER: "550 5.1.1 no such user"},
+    ).start()
+    try:
+        settings = make_settings(
+            delivery=f"smtp://127.0.0.1:{hop.port}",
+            delivery_ca_file=ca_file,
+            queue_lifetime="1s",
+            retry_backoff="0.3s",
+            retry_backoff_max="0.3s",
+        )
+        running = start_gateway(settings)
+        _send(running, [slow])
+        _wait(lambda: _states(settings).get(slow, ("",))[0] == "failed", "the lifetime to end")
+        assert "queue lifetime exceeded; last error: 451 4.2.1 mailbox busy" in (
+            _states(settings)[slow][1] or ""
+        )
+        # The report went to the sender (and was refused there): one report, no second.
+        _wait(lambda: _states(settings).get(SENDER, ("",))[0] == "failed", "the report to fail")
+        rows = _recipients(settings)
+        assert sorted(r.address for r in rows) == sorted([slow, SENDER])
+        assert hop.received == []
+    finally:
+        hop.stop()
