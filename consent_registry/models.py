@@ -185,12 +185,26 @@ class QueueRecipient(SQLModel, table=True):
     certificate_id: int | None = None
 
 
+class AuditHead(SQLModel, table=True):
+    """The newest audit entry's number and hash: one row, locked by every append.
+
+    Appenders take this row's lock, so the sequence stays gap-free and the
+    hash chain linear however many instances write at once.
+    """
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(default=1, primary_key=True)
+    seq: int = 0
+    hash: str | None = Field(default=None, max_length=64)
+
+
 class AuditEvent(SQLModel, table=True):
     """One line of the audit trail (SPEC §5). Never a body, subject or file name."""
 
     __tablename__ = "audit_event"
 
-    seq: int | None = Field(default=None, primary_key=True)
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     at: datetime = _utc_column(index=True)
     actor: str = Field(max_length=128)
     action: str = Field(max_length=48, index=True)

@@ -19,8 +19,9 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from consent_registry.db import make_engine, migrate
+from gateway.audit import audit_log
 from gateway.auth import Authenticator
-from gateway.crypto_at_rest import load_or_create_key
+from gateway.crypto_at_rest import load_or_create_key, load_or_create_secret
 from gateway.delivery import DeliveryWorker
 from gateway.intake import Intake
 from gateway.mx import make_resolver
@@ -69,6 +70,13 @@ def initialise(settings: Settings) -> InitReport:
         report.kept.append("storage key (from CGW_STORAGE_KEY)")
     else:
         (report.created if created else report.kept).append(f"storage key {key_file}")
+    _, audit_created = load_or_create_secret(settings.keys_dir / "audit.key", _audit_key(settings))
+    if settings.audit_key is not None:
+        report.kept.append("audit key (from CGW_AUDIT_KEY)")
+    else:
+        (report.created if audit_created else report.kept).append(
+            f"audit key {settings.keys_dir / 'audit.key'}"
+        )
     cert, key = tls_files(settings)
     if settings.tls_cert is None and not (cert.exists() and key.exists()):
         create_dev_certificate(settings.tls_dir, settings.hostname)
@@ -87,6 +95,10 @@ def initialise(settings: Settings) -> InitReport:
 
 def _configured_key(settings: Settings) -> str | None:
     return settings.storage_key.get_secret_value() if settings.storage_key else None
+
+
+def _audit_key(settings: Settings) -> str | None:
+    return settings.audit_key.get_secret_value() if settings.audit_key else None
 
 
 def build_relay(settings: Settings) -> Relay:
@@ -134,12 +146,13 @@ class Gateway:
         self._engine = engine
         key, _ = load_or_create_key(settings.keys_dir / "storage.key", _configured_key(settings))
         spool = Spool(settings.spool_dir, key)
-        queue = QueueStore(engine, settings.instance_name, CLAIM_LEASE)
+        audit = audit_log(settings)
+        queue = QueueStore(engine, settings.instance_name, CLAIM_LEASE, audit)
         await asyncio.to_thread(self._recover, spool, queue)
         retry = RetryPolicy(
             settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime
         )
-        intake = Intake(engine, spool, settings.hostname, self._wake)
+        intake = Intake(engine, spool, audit, settings.hostname, self._wake)
         archive, signer = load_practice_keys(
             settings.smime_archive_cert, settings.smime_signing_cert, settings.smime_signing_key
         )
@@ -148,6 +161,7 @@ class Gateway:
         handler = SubmissionHandler(
             authenticator=Authenticator(
                 engine,
+                audit,
                 AuthThrottle(
                     base_delay=settings.auth_backoff.total_seconds(),
                     max_delay=30.0,

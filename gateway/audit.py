@@ -4,17 +4,31 @@ An entry records who did what to which message, recipient or record, with the
 decision and reason code: never a message body, subject or attachment name.
 Entries are appended in the caller's transaction, so a change and its audit
 entry commit together or not at all.
+
+Entries form a chain: each one's hash is an HMAC (key under data_dir, or
+``CGW_AUDIT_KEY``) over its content and the previous entry's hash, and the
+numbers have no gaps. Someone with access to the database alone can change,
+delete or reorder rows, but cannot make the chain verify again.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlmodel import Session
+from sqlalchemy import update
+from sqlmodel import Session, col, select
 
-from consent_registry.models import AuditEvent
+from consent_registry.models import AuditEvent, AuditHead
+from gateway.crypto_at_rest import load_or_create_secret
+from gateway.settings import Settings
+
+GENESIS = "0" * 64
 
 
 class AuditAction(enum.StrEnum):
@@ -39,6 +53,7 @@ class AuditAction(enum.StrEnum):
     CONSENTS_EXPORTED = "consent.exported"
     CERTIFICATE_IMPORTED = "certificate.imported"
     QUEUE_RETRIED = "queue.retried"
+    AUDIT_EXPORTED = "audit.exported"
 
 
 @dataclass(frozen=True)
@@ -58,10 +73,27 @@ class AuditEntry:
     detail: str | None = None
 
 
-def record(session: Session, entry: AuditEntry, now: datetime) -> None:
-    """Append one entry in the caller's transaction."""
-    session.add(
-        AuditEvent(
+@dataclass(frozen=True)
+class Break:
+    """The first place the chain does not hold."""
+
+    seq: int
+    problem: str
+
+
+class AuditLog:
+    """Appends chained entries and verifies the chain; holds the HMAC key."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 32:
+            raise ValueError("the audit key needs at least 32 bytes")
+        self._key = key
+
+    def record(self, session: Session, entry: AuditEntry, now: datetime) -> None:
+        """Append one entry in the caller's transaction (taking the head's lock)."""
+        head = _locked_head(session)
+        event = AuditEvent(
+            seq=head.seq + 1,
             at=now,
             actor=entry.actor,
             action=entry.action.value,
@@ -74,5 +106,138 @@ def record(session: Session, entry: AuditEntry, now: datetime) -> None:
             decision=entry.decision,
             reason=entry.reason,
             detail=entry.detail[:500] if entry.detail else None,
+            prev_hash=head.hash or GENESIS,
         )
-    )
+        event.hash = self.seal(event)
+        head.seq, head.hash = event.seq, event.hash
+        session.add(event)
+        session.add(head)
+        session.flush()
+
+    def seal(self, event: AuditEvent) -> str:
+        return hmac.new(self._key, _canonical(event), hashlib.sha256).hexdigest()
+
+    def verify(self, session: Session) -> tuple[int, Break | None]:
+        """(entries checked, the first break or None)."""
+        expected, previous, count = 1, GENESIS, 0
+        for event in _in_order(session):
+            count += 1
+            if event.seq != expected:
+                return count, Break(expected, _gap(expected, event.seq - 1))
+            if event.prev_hash != previous:
+                return count, Break(
+                    event.seq,
+                    f"does not follow entry {event.seq - 1} (entries reordered or replaced)",
+                )
+            if event.hash is None or not hmac.compare_digest(event.hash, self.seal(event)):
+                return count, Break(event.seq, "was changed")
+            previous, expected = event.hash, expected + 1
+        head = session.get(AuditHead, 1)
+        if head is not None and head.seq != expected - 1:
+            return count, Break(expected, _gap(expected, head.seq))
+        if head is not None and head.seq and head.hash != previous:
+            return count, Break(expected - 1, "does not match the recorded head of the log")
+        return count, None
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    since: datetime | None = None
+    until: datetime | None = None  # exclusive
+    patient_id: int | None = None
+    user: str | None = None  # the acting user or the user concerned
+    action: str | None = None  # exact, or a prefix ending in "." ("consent.")
+
+
+def entries(session: Session, wanted: AuditFilter) -> list[AuditEvent]:
+    query = select(AuditEvent).order_by(col(AuditEvent.seq))
+    if wanted.since is not None:
+        query = query.where(col(AuditEvent.at) >= wanted.since)
+    if wanted.until is not None:
+        query = query.where(col(AuditEvent.at) < wanted.until)
+    if wanted.patient_id is not None:
+        query = query.where(AuditEvent.patient_id == wanted.patient_id)
+    if wanted.user is not None:
+        query = query.where(
+            (col(AuditEvent.actor) == wanted.user) | (col(AuditEvent.username) == wanted.user)
+        )
+    if wanted.action is not None:
+        if wanted.action.endswith("."):
+            query = query.where(col(AuditEvent.action).startswith(wanted.action))
+        else:
+            query = query.where(AuditEvent.action == wanted.action)
+    return list(session.exec(query).all())
+
+
+COLUMNS = (
+    "seq",
+    "at",
+    "actor",
+    "action",
+    "message_id",
+    "queue_id",
+    "patient_id",
+    "consent_id",
+    "username",
+    "recipient",
+    "decision",
+    "reason",
+    "detail",
+    "prev_hash",
+    "hash",
+)
+
+
+def as_record(event: AuditEvent) -> dict[str, object]:
+    """An entry as plain data, for --json and exports (hashes included)."""
+    record: dict[str, object] = {name: getattr(event, name) for name in COLUMNS}
+    record["at"] = event.at.isoformat()
+    return record
+
+
+def audit_log(settings: Settings) -> AuditLog:
+    """The audit log with this installation's HMAC key (created on first use)."""
+    configured = settings.audit_key.get_secret_value() if settings.audit_key else None
+    key, _ = load_or_create_secret(settings.keys_dir / "audit.key", configured)
+    return AuditLog(key)
+
+
+def _gap(first: int, last: int) -> str:
+    if first >= last:
+        return "is missing (it was deleted)"
+    return f"is missing (entries {first}-{last} were deleted)"
+
+
+def _locked_head(session: Session) -> AuditHead:
+    if session.get_bind().dialect.name == "postgresql":
+        head = session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
+    else:
+        # SQLite: a write takes the database's write lock until commit.
+        session.execute(update(AuditHead).where(col(AuditHead.id) == 1).values(seq=AuditHead.seq))
+        head = session.exec(select(AuditHead).where(AuditHead.id == 1)).one()
+        session.refresh(head)
+    return head
+
+
+def _in_order(session: Session) -> Iterator[AuditEvent]:
+    yield from session.exec(select(AuditEvent).order_by(col(AuditEvent.seq))).yield_per(1000)
+
+
+def _canonical(event: AuditEvent) -> bytes:
+    fields = [
+        event.seq,
+        event.at.isoformat(),
+        event.actor,
+        event.action,
+        event.message_id,
+        event.queue_id,
+        event.patient_id,
+        event.consent_id,
+        event.username,
+        event.recipient,
+        event.decision,
+        event.reason,
+        event.detail,
+        event.prev_hash,
+    ]
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()

@@ -21,7 +21,7 @@ from sqlmodel import Session
 from consent_registry.db import session_scope
 from consent_registry.passwords import verify_password
 from consent_registry.users import login_record
-from gateway.audit import AuditAction, AuditEntry, record
+from gateway.audit import AuditAction, AuditEntry, AuditLog
 from policies.facts import SenderFacts
 from policies.throttle import AuthThrottle, auth_verdict
 
@@ -38,10 +38,12 @@ class Authenticator:
     def __init__(
         self,
         engine: Engine,
+        audit: AuditLog,
         throttle: AuthThrottle,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
+        self.audit = audit
         self.throttle = throttle
         self.monotonic = monotonic
         self._failures: dict[str, deque[float]] = defaultdict(deque)
@@ -77,7 +79,7 @@ class Authenticator:
 
     def _audit(self, action: AuditAction, client: str, login: str) -> None:
         with session_scope(self.engine) as session:
-            record(
+            self.audit.record(
                 session,
                 AuditEntry(
                     action=action,

@@ -93,18 +93,24 @@ def _chunk_nonce(index: int, final: bool) -> bytes:
 
 
 def load_or_create_key(path: Path, configured: str | None) -> tuple[StorageKey, bool]:
-    """The storage key from the setting, else the key file (created once, 0600).
+    """The storage key from the setting, else the key file (created once, 0600)."""
+    raw, created = load_or_create_secret(path, configured)
+    return StorageKey(raw), created
 
-    Returns the key and whether a new file was created. An existing key file is
-    never replaced: messages sealed with it would be lost.
+
+def load_or_create_secret(path: Path, configured: str | None) -> tuple[bytes, bool]:
+    """32 secret bytes from a base64 setting, else from a key file created once (0600).
+
+    Returns the bytes and whether a new file was created. An existing key file
+    is never replaced: what was sealed or chained with it would be lost.
     """
     if configured:
-        return StorageKey(base64.b64decode(configured)), False
+        return base64.b64decode(configured), False
     if path.exists():
         raw = path.read_bytes()
         if len(raw) != 32:
-            raise SealError(f"storage key file {path} is damaged ({len(raw)} bytes, not 32)")
-        return StorageKey(raw), False
+            raise SealError(f"key file {path} is damaged ({len(raw)} bytes, not 32)")
+        return raw, False
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     raw = secrets.token_bytes(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -113,4 +119,4 @@ def load_or_create_key(path: Path, configured: str | None) -> tuple[StorageKey, 
         os.fsync(fd)
     finally:
         os.close(fd)
-    return StorageKey(raw), True
+    return raw, True

@@ -19,7 +19,7 @@ from email.utils import format_datetime
 from sqlalchemy import Engine
 
 from consent_registry.db import session_scope
-from gateway.audit import AuditAction, AuditEntry, record
+from gateway.audit import AuditAction, AuditEntry, AuditLog
 from gateway.bounce import FailedRecipient, build_dsn
 from gateway.headers import rewrite_header
 from gateway.queue import QueuedRecipient, QueueStore
@@ -44,12 +44,14 @@ class Intake:
         self,
         engine: Engine,
         spool: Spool,
+        audit: AuditLog,
         hostname: str,
         on_accepted: Callable[[], None],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.engine = engine
         self.spool = spool
+        self.audit = audit
         self.hostname = hostname
         self.on_accepted = on_accepted
         self.clock = clock
@@ -96,7 +98,7 @@ class Intake:
                     now,
                     is_bounce=True,
                 )
-                record(
+                self.audit.record(
                     session,
                     AuditEntry(
                         action=AuditAction.MESSAGE_BOUNCED,
@@ -149,7 +151,7 @@ class Intake:
                 )
                 for address, decision in decided:
                     held = decision.outcome is Outcome.QUARANTINE
-                    record(
+                    self.audit.record(
                         session,
                         _decision_entry(
                             AuditAction.MESSAGE_QUARANTINED
@@ -175,7 +177,7 @@ class Intake:
         self, sender: SenderFacts, recipient: str, decision: Decision, now: datetime
     ) -> None:
         with session_scope(self.engine) as session:
-            record(
+            self.audit.record(
                 session,
                 _decision_entry(AuditAction.MESSAGE_DENIED, sender, recipient, decision),
                 now,

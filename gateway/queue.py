@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 
 from consent_registry.db import session_scope
 from consent_registry.models import QueueMessage, QueueRecipient
-from gateway.audit import AuditAction, AuditEntry, record
+from gateway.audit import AuditAction, AuditEntry, AuditLog
 from policies.retry import expired, next_attempt
 
 
@@ -112,10 +112,13 @@ class QueueRow:
 
 
 class QueueStore:
-    def __init__(self, engine: Engine, instance: str, lease: timedelta) -> None:
+    def __init__(
+        self, engine: Engine, instance: str, lease: timedelta, audit: AuditLog | None = None
+    ) -> None:
         self.engine = engine
         self.instance = instance
         self.lease = lease
+        self.audit = audit
 
     @staticmethod
     def enqueue(
@@ -264,13 +267,15 @@ class QueueStore:
             row.state = RecipientState.FAILED.value
             action = AuditAction.MESSAGE_FAILED
         session.add(row)
-        record(
+        assert self.audit is not None, "a delivering queue writes the audit log"
+        self.audit.record(
             session,
             AuditEntry(
                 action=action,
                 actor="gateway",
                 message_id=claimed.message_id,
                 queue_id=row.id,
+                patient_id=row.patient_id,
                 recipient=row.address,
                 detail=reply,
             ),

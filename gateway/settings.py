@@ -209,6 +209,7 @@ class Settings(BaseSettings):
 
     # Operational settings beyond SPEC §2 (documented in README "Settings").
     storage_key: SecretStr | None = None
+    audit_key: SecretStr | None = None
     instance_name: str = Field(default_factory=socket.gethostname)
     smtp_idle_timeout: Duration = timedelta(minutes=5)
     smtp_session_timeout: Duration = timedelta(minutes=30)
@@ -242,7 +243,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a known time zone (e.g. Europe/Berlin)") from None
         return value
 
-    @field_validator("storage_key")
+    @field_validator("storage_key", "audit_key")
     @classmethod
     def _key_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:

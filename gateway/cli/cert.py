@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from consent_registry import certificates
-from gateway.audit import AuditAction, AuditEntry, record
+from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 
@@ -32,7 +32,7 @@ def import_(email: str, file: Path, actor: str) -> None:
     with context.transaction(config) as session:
         now = context.now()
         view = certificates.import_certificate(session, email, data, actor, now)
-        record(
+        context.audit(config).record(
             session,
             AuditEntry(
                 AuditAction.CERTIFICATE_IMPORTED,

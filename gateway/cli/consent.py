@@ -14,7 +14,7 @@ from consent_registry.consents import ConsentTerms, ConsentView, TermsError
 from consent_registry.errors import RegistryError
 from consent_registry.io_csv import read_csv, write_csv
 from consent_registry.io_fhir import read_fhir, write_fhir
-from gateway.audit import AuditAction, AuditEntry, record
+from gateway.audit import AuditAction, AuditEntry, AuditLog
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from policies.status import ConsentStatus
@@ -26,9 +26,9 @@ def consent() -> None:
 
 
 def _audit_grant(
-    session: Session, view: ConsentView, actor: str, detail: str, now: datetime
+    audit: AuditLog, session: Session, view: ConsentView, actor: str, detail: str, now: datetime
 ) -> None:
-    record(
+    audit.record(
         session,
         AuditEntry(
             AuditAction.CONSENT_GRANTED,
@@ -92,7 +92,12 @@ def grant(
         except TermsError as exc:
             raise CliError(str(exc)) from None
         _audit_grant(
-            session, view, actor, f"{view.delivery}, {view.clinician or 'practice-wide'}", now
+            context.audit(config),
+            session,
+            view,
+            actor,
+            f"{view.delivery}, {view.clinician or 'practice-wide'}",
+            now,
         )
     click.echo(view.id)
 
@@ -107,7 +112,7 @@ def revoke(consent_id: int, reason: str | None, actor: str) -> None:
     with context.transaction(config) as session:
         now = context.now()
         view = consents.revoke(session, consent_id, reason, actor, now, config.zone)
-        record(
+        context.audit(config).record(
             session,
             AuditEntry(
                 AuditAction.CONSENT_REVOKED,
@@ -185,7 +190,14 @@ def import_(file: Path, fmt: str | None, actor: str) -> None:
                 f"{rows[exc.index][0]}, field {exc.field}: {exc}; nothing imported"
             ) from None
         for (position, _), view in zip(rows, views, strict=True):
-            _audit_grant(session, view, actor, f"imported from {file.name} {position}", now)
+            _audit_grant(
+                context.audit(config),
+                session,
+                view,
+                actor,
+                f"imported from {file.name} {position}",
+                now,
+            )
     click.echo(f"imported {len(views)} consents from {file}")
 
 
@@ -200,7 +212,7 @@ def export(fmt: str, actor: str) -> None:
     with context.transaction(config) as session:
         now = context.now()
         views = consents.list_consents(session, None, None, now, config.zone)
-        record(
+        context.audit(config).record(
             session,
             AuditEntry(AuditAction.CONSENTS_EXPORTED, actor, detail=f"{len(views)} as {fmt}"),
             now,

@@ -14,6 +14,7 @@ from sqlmodel import Session
 
 from consent_registry.db import make_engine, schema_is_current, session_scope
 from consent_registry.errors import RegistryError
+from gateway.audit import AuditLog, audit_log
 from gateway.cli.output import CliError
 from gateway.settings import Settings, SettingsError, load_settings
 from policies.status import practice_day
@@ -31,6 +32,11 @@ def default_actor() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+def audit(config: Settings) -> AuditLog:
+    """The audit log, keyed for this installation."""
+    return audit_log(config)
 
 
 def now() -> datetime:

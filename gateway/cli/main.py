@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from gateway.cli.audit import audit
 from gateway.cli.cert import cert
 from gateway.cli.check import check
 from gateway.cli.consent import consent
@@ -34,6 +35,7 @@ cli.add_command(consent)
 cli.add_command(cert)
 cli.add_command(check)
 cli.add_command(queue)
+cli.add_command(audit)
 
 
 def main() -> None:

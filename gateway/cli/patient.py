@@ -8,7 +8,7 @@ import click
 
 from consent_registry import certificates, consents, patients, relationships
 from consent_registry.patients import PatientView
-from gateway.audit import AuditAction, AuditEntry, record
+from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import print_json, print_table
 
@@ -29,7 +29,9 @@ def add(name: str, emails: tuple[str, ...], mrn: str | None, actor: str) -> None
     with context.transaction(config) as session:
         now = context.now()
         view = patients.add_patient(session, name, list(emails), mrn, actor, now)
-        record(session, AuditEntry(AuditAction.PATIENT_ADDED, actor, patient_id=view.id), now)
+        context.audit(config).record(
+            session, AuditEntry(AuditAction.PATIENT_ADDED, actor, patient_id=view.id), now
+        )
     click.echo(view.id)
 
 
@@ -44,7 +46,7 @@ def add_email(patient_ref: str, email: str, actor: str) -> None:
         now = context.now()
         found = patients.resolve_patient(session, patient_ref)
         view = patients.add_patient_email(session, found, email, actor, now)
-        record(
+        context.audit(config).record(
             session,
             AuditEntry(AuditAction.PATIENT_EMAIL_ADDED, actor, patient_id=view.id, recipient=email),
             now,

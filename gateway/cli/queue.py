@@ -9,7 +9,7 @@ import click
 from sqlalchemy import Engine
 
 from consent_registry.db import session_scope
-from gateway.audit import AuditAction, AuditEntry, record
+from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from gateway.queue import QueueStore
@@ -65,7 +65,7 @@ def retry(message_id: str, actor: str) -> None:
         if count == 0:
             raise CliError(f"no deferred recipients of message {message_id!r} in the queue")
         with session_scope(engine) as session:
-            record(
+            context.audit(config).record(
                 session,
                 AuditEntry(
                     AuditAction.QUEUE_RETRIED,

@@ -7,7 +7,7 @@ from dataclasses import asdict
 import click
 
 from consent_registry import patients, relationships
-from gateway.audit import AuditAction, AuditEntry, record
+from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import print_json, print_table
 
@@ -35,7 +35,7 @@ def add(patient_ref: str, clinician: str, since: str | None, kind: str, actor: s
         view = relationships.add_relationship(
             session, found, clinician, first_day, kind, actor, now, config.zone
         )
-        record(
+        context.audit(config).record(
             session,
             AuditEntry(
                 AuditAction.RELATIONSHIP_ADDED,
@@ -62,7 +62,7 @@ def end(relationship_id: int, on_day: str | None, actor: str) -> None:
         view = relationships.end_relationship(
             session, relationship_id, last, actor, now, config.zone
         )
-        record(
+        context.audit(config).record(
             session,
             AuditEntry(
                 AuditAction.RELATIONSHIP_ENDED,

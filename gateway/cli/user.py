@@ -8,7 +8,7 @@ import click
 
 from consent_registry import users
 from consent_registry.users import UserView
-from gateway.audit import AuditAction, AuditEntry, record
+from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 
@@ -70,7 +70,7 @@ def add(
     with context.transaction(config) as session:
         now = context.now()
         view = users.add_user(session, username, addresses, role, password, actor, now)
-        record(
+        context.audit(config).record(
             session,
             AuditEntry(
                 AuditAction.USER_ADDED,
@@ -109,7 +109,9 @@ def disable(username: str, actor: str) -> None:
     with context.transaction(config) as session:
         now = context.now()
         users.disable_user(session, username, actor, now)
-        record(session, AuditEntry(AuditAction.USER_DISABLED, actor, username=username), now)
+        context.audit(config).record(
+            session, AuditEntry(AuditAction.USER_DISABLED, actor, username=username), now
+        )
     click.echo(f"disabled user {username}")
 
 
@@ -124,7 +126,7 @@ def passwd(username: str, password_stdin: bool, actor: str) -> None:
     with context.transaction(config) as session:
         now = context.now()
         users.set_password(session, username, password)
-        record(
+        context.audit(config).record(
             session, AuditEntry(AuditAction.USER_PASSWORD_CHANGED, actor, username=username), now
         )
     click.echo(f"changed the password of {username}")

@@ -29,6 +29,7 @@ EXPECTED_TABLES = {
     "queue_message",
     "queue_recipient",
     "audit_event",
+    "audit_head",
 }
 
 
@@ -52,7 +53,7 @@ def test_times_are_stored_in_utc_and_read_back_aware(database_url: str) -> None:
     written = datetime(2026, 3, 29, 1, 30, tzinfo=berlin)
     try:
         with session_scope(engine) as session:
-            event = AuditEvent(at=written, actor="test", action="test.event")
+            event = AuditEvent(seq=1, at=written, actor="test", action="test.event")
             session.add(event)
             session.flush()
             seq = event.seq
@@ -71,7 +72,9 @@ def test_naive_datetimes_are_refused(database_url: str) -> None:
     migrate(engine)
     try:
         with pytest.raises(Exception, match="naive datetimes"), session_scope(engine) as session:
-            session.add(AuditEvent(at=datetime(2026, 1, 1), actor="test", action="test.event"))
+            session.add(
+                AuditEvent(seq=1, at=datetime(2026, 1, 1), actor="test", action="test.event")
+            )
             session.flush()
     finally:
         engine.dispose()
