@@ -197,6 +197,9 @@ class AuditHead(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     seq: int = 0
     hash: str | None = Field(default=None, max_length=64)
+    # An HMAC over (seq, hash): cutting entries off the end and moving the head
+    # back to match needs the key, not just the database.
+    mac: str | None = Field(default=None, max_length=64)
 
 
 class AuditEvent(SQLModel, table=True):

@@ -31,6 +31,15 @@ from gateway.settings import Settings
 GENESIS = "0" * 64
 
 
+def storable(text: str) -> str:
+    """Text from outside (a next hop's reply) as valid UTF-8: undecodable bytes become U+FFFD.
+
+    aiosmtplib decodes replies with surrogateescape; such text cannot be encoded,
+    hashed or stored, and must not be able to stop the queue from recording a result.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class AuditAction(enum.StrEnum):
     MESSAGE_ACCEPTED = "message.accepted"
     MESSAGE_DENIED = "message.denied"
@@ -102,17 +111,21 @@ class AuditLog:
             patient_id=entry.patient_id,
             consent_id=entry.consent_id,
             username=entry.username,
-            recipient=entry.recipient,
+            recipient=storable(entry.recipient) if entry.recipient else None,
             decision=entry.decision,
             reason=entry.reason,
-            detail=entry.detail[:500] if entry.detail else None,
+            detail=storable(entry.detail)[:500] if entry.detail else None,
             prev_hash=head.hash or GENESIS,
         )
         event.hash = self.seal(event)
         head.seq, head.hash = event.seq, event.hash
+        head.mac = self._head_mac(head.seq, head.hash)
         session.add(event)
         session.add(head)
         session.flush()
+
+    def _head_mac(self, seq: int, hash_: str | None) -> str:
+        return hmac.new(self._key, f"head|{seq}|{hash_}".encode(), hashlib.sha256).hexdigest()
 
     def seal(self, event: AuditEvent) -> str:
         return hmac.new(self._key, _canonical(event), hashlib.sha256).hexdigest()
@@ -133,6 +146,12 @@ class AuditLog:
                 return count, Break(event.seq, "was changed")
             previous, expected = event.hash, expected + 1
         head = session.get(AuditHead, 1)
+        if head is None:
+            return count, Break(expected, "is unknown: the head of the log was deleted")
+        if head.seq and not hmac.compare_digest(
+            head.mac or "", self._head_mac(head.seq, head.hash)
+        ):
+            return count, Break(head.seq, "is not the recorded head of the log (head changed)")
         if head is not None and head.seq != expected - 1:
             return count, Break(expected, _gap(expected, head.seq))
         if head is not None and head.seq and head.hash != previous:

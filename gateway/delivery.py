@@ -63,20 +63,29 @@ class DeliveryWorker:
         self._wake.set()
 
     async def run(self) -> None:
+        """Deliver until cancelled; a fault (e.g. the database away) is logged and retried."""
         while True:
-            self._wake.clear()
-            free = self.concurrency - len(self._in_flight)
-            claimed = (
-                await asyncio.to_thread(self.queue.claim_due, self.clock(), free * 8)
-                if free
-                else []
-            )
-            for message in claimed:
-                task = asyncio.create_task(self._deliver(message))
-                self._in_flight.add(task)
-                task.add_done_callback(self._task_done)
-            if not claimed:
-                await self._sleep_until_work()
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivery round failed; trying again in %s s", POLL_SECONDS)
+                await asyncio.sleep(POLL_SECONDS)
+
+    async def _round(self) -> None:
+        """Claim what is due and start delivering it, or sleep until there is work."""
+        self._wake.clear()
+        free = self.concurrency - len(self._in_flight)
+        claimed = (
+            await asyncio.to_thread(self.queue.claim_due, self.clock(), free * 8) if free else []
+        )
+        for message in claimed:
+            task = asyncio.create_task(self._deliver(message))
+            self._in_flight.add(task)
+            task.add_done_callback(self._task_done)
+        if not claimed:
+            await self._sleep_until_work()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -107,9 +116,11 @@ class DeliveryWorker:
             for protection, group in _by_protection(message).items():
                 results.update(await self._send(message, protection, group, content))
         except Exception as exc:
+            # What the next hop already accepted stays accepted: only the rest waits.
             log.exception("delivery of %s failed", message.message_id)
             failure = RecipientResult(Verdict.DEFERRED, f"gateway fault: {type(exc).__name__}")
-            results = dict.fromkeys([r.address for r in message.recipients], failure)
+            for rcpt in message.recipients:
+                results.setdefault(rcpt.address, failure)
         for rcpt in message.recipients:
             results.setdefault(
                 rcpt.address, RecipientResult(Verdict.DEFERRED, "no answer for recipient")
@@ -120,9 +131,14 @@ class DeliveryWorker:
                 rcpt.address,
                 *_summary(results[rcpt.address]),
             )
-        finished = await asyncio.to_thread(
-            self.queue.finish, message, results, self.clock(), self.retry
-        )
+        try:
+            finished = await asyncio.to_thread(
+                self.queue.finish, message, results, self.clock(), self.retry
+            )
+        except Exception:
+            # Unrecorded: the claim lapses and the message is tried again (at least once).
+            log.exception("could not record the delivery of %s", message.message_id)
+            return
         if finished.failed and not message.is_bounce and message.mail_from:
             failed = [FailedRecipient(a, _status_of(reply), reply) for a, reply in finished.failed]
             await self.bounce(message.mail_from, content, failed, message.message_id)

@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 
 from consent_registry.db import session_scope
 from consent_registry.models import QueueMessage, QueueRecipient
-from gateway.audit import AuditAction, AuditEntry, AuditLog
+from gateway.audit import AuditAction, AuditEntry, AuditLog, storable
 from policies.retry import expired, next_attempt
 
 
@@ -246,7 +246,7 @@ class QueueStore:
         now: datetime,
         retry: RetryPolicy,
     ) -> None:
-        verdict, reply = result.verdict, result.reply
+        verdict, reply = result.verdict, storable(result.reply)
         if verdict is Verdict.DEFERRED and expired(claimed.received_at, now, retry.lifetime):
             verdict, reply = Verdict.FAILED, f"queue lifetime exceeded; last error: {reply}"
         row.attempts += 1

@@ -28,6 +28,9 @@ from gateway.headers import CRLF, parse_fields, split_message
 NEUTRAL_SUBJECT = b"Subject: Encrypted message\r\n"
 # Fields repeated inside the encryption, so the decrypted message is whole.
 _PROTECTED = ("subject", "from", "to", "cc", "date", "message-id", "reply-to")
+# Fields that repeat or describe the subject (Outlook writes Thread-Topic on every
+# message): with subject protection they travel only inside the encryption.
+_SUBJECT_LIKE = ("subject", "thread-topic", "keywords", "comments")
 _LINE = 57  # 57 bytes of DER become one 76-character base64 line
 
 
@@ -51,7 +54,7 @@ def encrypt(
     content_fields = [f.raw for f in fields if f.name.startswith("content-")]
     if not any(f.name == "content-type" for f in fields):
         content_fields.insert(0, b"Content-Type: text/plain; charset=us-ascii\r\n")
-    protected = [f.raw for f in fields if f.name in _PROTECTED]
+    protected = [f.raw for f in fields if f.name in _PROTECTED + _SUBJECT_LIKE]
     inner = b"".join(content_fields + protected) + (rest or CRLF)
     if signer is not None:
         inner = (
@@ -73,7 +76,7 @@ def encrypt(
         for f in fields
         if not f.name.startswith("content-")
         and f.name != "mime-version"
-        and not (protect_subject and f.name == "subject")
+        and not (protect_subject and f.name in _SUBJECT_LIKE)
     ]
     if protect_subject:
         outer.append(NEUTRAL_SUBJECT)

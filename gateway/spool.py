@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,12 +70,22 @@ class Spool:
     def stored_ids(self) -> list[str]:
         return [p.stem for p in self.directory.glob("*.msg")]
 
-    def recover(self, committed: Iterable[str]) -> list[str]:
-        """Remove unfinished and never-acknowledged files; return their ids."""
+    def recover(self, committed: Iterable[str], older_than: float = 3600.0) -> list[str]:
+        """Remove unfinished and never-acknowledged files; return their ids.
+
+        Only files older than ``older_than`` seconds: a younger one may belong to
+        an intake (of this or another process) whose commit is still under way.
+        """
+        horizon = time.time() - older_than
         for leftover in self.tmp.glob("*.tmp"):
-            leftover.unlink(missing_ok=True)
+            if leftover.stat().st_mtime < horizon:
+                leftover.unlink(missing_ok=True)
         keep = set(committed)
-        dropped = [mid for mid in self.stored_ids() if mid not in keep]
+        dropped = [
+            mid
+            for mid in self.stored_ids()
+            if mid not in keep and self.path(mid).stat().st_mtime < horizon
+        ]
         for message_id in dropped:
             self.path(message_id).unlink(missing_ok=True)
         if dropped:

@@ -27,7 +27,7 @@ class Received:
 @dataclass
 class SinkHandler:
     received: list[Received] = field(default_factory=list)
-    data_replies: list[str] = field(default_factory=list)
+    data_replies: list[str | bytes] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds each DATA takes, to hold deliveries in flight
     changed: threading.Condition = field(default_factory=threading.Condition)
@@ -41,12 +41,13 @@ class SinkHandler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str | bytes:
         if self.delay:
             await asyncio.sleep(self.delay)
+        reply: str | bytes = "250 OK stored"
         if self.data_replies:
-            reply = self.data_replies.pop(0)
-            if not reply.startswith("250"):
+            reply = self.data_replies.pop(0)  # bytes: a reply in some other charset
+            if not reply.startswith("250" if isinstance(reply, str) else b"250"):
                 return reply
         with self.changed:
             self.received.append(
@@ -58,7 +59,7 @@ class SinkHandler:
                 )
             )
             self.changed.notify_all()
-        return "250 OK stored"
+        return reply
 
     def wait_for(self, count: int, timeout: float = 30) -> list[Received]:
         with self.changed:

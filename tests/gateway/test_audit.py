@@ -110,6 +110,27 @@ def test_tampering_is_caught_and_the_entry_named(
     assert output.startswith(f"cgw: error: {message}"), output
 
 
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        # Cut the newest entries off and move the head back to the new end.
+        [
+            "DELETE FROM audit_event WHERE seq > 4",
+            "UPDATE audit_head SET seq = 4, hash = (SELECT hash FROM audit_event WHERE seq = 4)",
+        ],
+        ["DELETE FROM audit_head"],
+    ],
+    ids=["truncated-and-head-moved", "head-deleted"],
+)
+def test_cutting_off_the_tail_is_caught_even_with_the_head_moved(
+    logged: Settings, cgw: Run, tamper: list[str]
+) -> None:
+    _sql(logged, *tamper)
+    code, output = _verify(cgw)
+    assert code == 1, output
+    assert "head of the log" in output
+
+
 def test_a_forged_hash_does_not_help_without_the_key(logged: Settings, cgw: Run) -> None:
     import hashlib
 

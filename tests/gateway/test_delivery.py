@@ -7,7 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlmodel import Session, select
 
+from consent_registry.db import make_engine
+from consent_registry.models import AuditEvent
+from gateway.audit import audit_log
 from gateway.settings import Settings
 from tests.conftest import DOMAIN, PASSWORD
 from tests.gateway.test_durability import _recipients, _wait
@@ -256,5 +260,31 @@ def test_still_deferred_after_the_queue_lifetime_bounces_once_and_never_bounces_
         rows = _recipients(settings)
         assert sorted(r.address for r in rows) == sorted([slow, SENDER])
         assert hop.received == []
+    finally:
+        hop.stop()
+
+
+def test_a_reply_in_another_charset_is_recorded_once_not_resent(
+    make_settings: Callable[..., Settings],
+    start_gateway: StartGateway,
+    ca_file: Path,
+    sink_tls: ssl.SSLContext,
+) -> None:
+    # A Latin-1 reply (not UTF-8) must not stop the queue from recording the delivery.
+    hop = Sink(tls=sink_tls, data_replies=[b"250 Nachricht f\xfcr M\xfcller angenommen"]).start()
+    try:
+        settings = make_settings(delivery=f"smtp://127.0.0.1:{hop.port}", delivery_ca_file=ca_file)
+        running = start_gateway(settings)
+        _send(running, [f"team@{DOMAIN}"])
+        _wait(lambda: _states(settings).get(f"team@{DOMAIN}", ("",))[0] == "delivered", "record")
+        assert len(hop.received) == 1
+        engine = make_engine(settings.database_url)
+        with Session(engine) as session:
+            (event,) = session.exec(
+                select(AuditEvent).where(AuditEvent.action == "message.delivered")
+            ).all()
+            assert event.detail is not None and "M\ufffdller" in event.detail
+            assert audit_log(settings).verify(session)[1] is None
+        engine.dispose()
     finally:
         hop.stop()

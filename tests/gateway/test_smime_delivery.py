@@ -34,7 +34,8 @@ BODY = (
 ).encode()
 MESSAGE = (
     f"From: Dr Smith <{SENDER}>\r\nTo: Anna <anna@example.org>\r\n"
-    "Subject: Befund Schilddrüse 2026\r\nMIME-Version: 1.0\r\n"
+    "Subject: Befund Schilddrüse 2026\r\nThread-Topic: Befund Schilddrüse 2026\r\n"
+    "MIME-Version: 1.0\r\n"
     f'Content-Type: multipart/mixed; boundary="{BOUNDARY}"\r\n\r\n'
 ).encode() + BODY
 

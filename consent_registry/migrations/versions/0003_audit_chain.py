@@ -19,6 +19,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("seq", sa.Integer(), nullable=False),
         sa.Column("hash", sa.String(length=64), nullable=True),
+        sa.Column("mac", sa.String(length=64), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     # Entries written before the chain existed keep a NULL hash; verify reports them.
