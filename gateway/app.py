@@ -157,7 +157,8 @@ class Gateway:
             settings.smime_archive_cert, settings.smime_signing_cert, settings.smime_signing_key
         )
         protector = Protector(engine, settings.protect_subject, archive, signer)
-        self.worker = DeliveryWorker(queue, spool, relay, retry, intake.bounce, protector)
+        gate = PolicyGate(engine, settings.policy())
+        self.worker = DeliveryWorker(queue, spool, relay, retry, intake.bounce, protector, gate)
         handler = SubmissionHandler(
             authenticator=Authenticator(
                 engine,
@@ -169,7 +170,7 @@ class Gateway:
                 ),
             ),
             intake=intake,
-            gate=PolicyGate(engine, settings.policy()),
+            gate=gate,
             max_recipients=settings.max_recipients,
             bounce_denials=settings.denial_mode == "bounce",
         )

@@ -14,7 +14,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
+from gateway import replies
 from gateway.bounce import FailedRecipient
+from gateway.policy_gate import PolicyGate
 from gateway.protection import ProtectionUnavailable, Protector
 from gateway.queue import (
     ClaimedMessage,
@@ -26,7 +28,7 @@ from gateway.queue import (
 )
 from gateway.relay import Relay
 from gateway.spool import Spool
-from policies.decision import Protection
+from policies.decision import Outcome, Protection
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class DeliveryWorker:
         retry: RetryPolicy,
         bounce: Bounce,
         protector: Protector,
+        gate: PolicyGate,
         concurrency: int = 8,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -54,6 +57,7 @@ class DeliveryWorker:
         self.retry = retry
         self.bounce = bounce
         self.protector = protector
+        self.gate = gate
         self.clock = clock
         self.concurrency = concurrency
         self._wake = asyncio.Event()
@@ -113,7 +117,9 @@ class DeliveryWorker:
         content = b""
         try:
             content = await asyncio.to_thread(self.spool.load, message.message_id)
-            for protection, group in _by_protection(message).items():
+            results.update(await self._no_longer_allowed(message))
+            sendable = [r for r in message.recipients if r.address not in results]
+            for protection, group in _by_protection(sendable).items():
                 results.update(await self._send(message, protection, group, content))
         except Exception as exc:
             # What the next hop already accepted stays accepted: only the rest waits.
@@ -145,6 +151,18 @@ class DeliveryWorker:
         if finished.complete:
             await asyncio.to_thread(self.spool.remove, message.message_id)
 
+    async def _no_longer_allowed(self, message: ClaimedMessage) -> dict[str, RecipientResult]:
+        """Patient recipients the policy now refuses: they fail, and the sender is told."""
+        patients = [r.address for r in message.recipients if r.patient_id is not None]
+        if not patients:
+            return {}
+        now = await asyncio.to_thread(self.gate.recheck, message.username, patients)
+        return {
+            address: RecipientResult(Verdict.FAILED, replies.decision(decision, address))
+            for address, decision in now.items()
+            if decision.outcome is Outcome.DENY
+        }
+
     async def _send(
         self,
         message: ClaimedMessage,
@@ -171,14 +189,14 @@ class DeliveryWorker:
         return results
 
 
-def _by_protection(message: ClaimedMessage) -> dict[str, list[ClaimedRecipient]]:
+def _by_protection(recipients: Sequence[ClaimedRecipient]) -> dict[str, list[ClaimedRecipient]]:
     """Recipients that can share one transaction.
 
     The relays here always demand verified TLS, which meets every protection
     but S/MIME; S/MIME recipients each get their own encrypted copy.
     """
     groups: dict[str, list[ClaimedRecipient]] = {}
-    for rcpt in message.recipients:
+    for rcpt in recipients:
         key = Protection.SMIME.value if rcpt.protection == Protection.SMIME.value else "transport"
         groups.setdefault(key, []).append(rcpt)
     return groups

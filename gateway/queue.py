@@ -73,6 +73,7 @@ class ClaimedRecipient:
     attempts: int
     protection: str = "none"
     certificate_id: int | None = None
+    patient_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class ClaimedMessage:
     received_at: datetime
     recipients: tuple[ClaimedRecipient, ...]
     is_bounce: bool = False
+    username: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,12 @@ class QueueStore:
                 assert row.id is not None
                 by_message[row.message_id].append(
                     ClaimedRecipient(
-                        row.id, row.address, row.attempts, row.protection, row.certificate_id
+                        row.id,
+                        row.address,
+                        row.attempts,
+                        row.protection,
+                        row.certificate_id,
+                        row.patient_id,
                     )
                 )
             if not by_message:
@@ -202,7 +209,12 @@ class QueueStore:
             ).all()
             return [
                 ClaimedMessage(
-                    m.id, m.mail_from, m.received_at, tuple(by_message[m.id]), m.is_bounce
+                    m.id,
+                    m.mail_from,
+                    m.received_at,
+                    tuple(by_message[m.id]),
+                    m.is_bounce,
+                    m.username,
                 )
                 for m in messages
             ]

@@ -23,8 +23,9 @@ from sqlmodel import Session, select
 from consent_registry import consents, patients, relationships
 from consent_registry.consents import ConsentTerms
 from consent_registry.db import make_engine, session_scope
-from consent_registry.models import AuditEvent, QueueRecipient
+from consent_registry.models import AuditEvent, Consent, QueueRecipient
 from consent_registry.users import add_user
+from gateway.queue import QueueStore
 from gateway.settings import Settings
 from tests.conftest import DOMAIN, PASSWORD
 from tests.gateway.test_durability import _wait
@@ -451,3 +452,27 @@ def test_cgw_check_tells_staff_what_the_gateway_would_do(
     assert unknown.stderr.strip() == (
         "cgw: error: nobody@example.org is not the address of an active cgw user"
     )
+
+
+def test_a_consent_revoked_while_the_message_waits_stops_it_leaving(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]], sink: Sink
+) -> None:
+    sink.handler.data_replies.append("451 4.3.0 try again later")
+    running, practice = practice_gateway(retry_backoff="1h", retry_backoff_max="2h")
+    client = running.logged_in("drsmith", PASSWORD)
+    client.sendmail(SENDER, ["anna@example.org"], _message("anna@example.org"))
+    client.quit()
+    _wait(lambda: practice.queue()[0].state == "deferred", "the first attempt to be deferred")
+    with practice.session() as session:
+        consent_id = session.exec(
+            select(Consent.id).where(Consent.address_key == "anna@example.org")
+        ).one()
+    practice.revoke(consent_id)
+    message_id = practice.queue()[0].message_id
+    engine = make_engine(running.settings.database_url)
+    QueueStore(engine, "test", timedelta(0)).retry_now(message_id, _now())
+    engine.dispose()
+    _wait(lambda: practice.queue()[0].state == "failed", "the retry to be refused", timeout=30)
+    assert "withdrawn consent" in (practice.queue()[0].last_error or "")
+    (report,) = sink.wait_for(1)  # only the report to the sender ever reached the next hop
+    assert report.rcpt_tos == (SENDER,) and report.mail_from == "<>"
