@@ -63,6 +63,7 @@ class AuditAction(enum.StrEnum):
     CERTIFICATE_IMPORTED = "certificate.imported"
     QUEUE_RETRIED = "queue.retried"
     AUDIT_EXPORTED = "audit.exported"
+    QUARANTINE_SHOWN = "quarantine.shown"
 
 
 @dataclass(frozen=True)

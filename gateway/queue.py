@@ -111,6 +111,8 @@ class QueueRow:
     next_attempt_at: datetime
     received_at: datetime
     last_error: str | None
+    reason: str | None = None
+    username: str | None = None
 
 
 class QueueStore:
@@ -332,6 +334,10 @@ class QueueStore:
                 session.add(row)
             return len(rows)
 
+    def held(self) -> list[QueueRow]:
+        """Recipients held by policy (quarantined), oldest message first."""
+        return [row for row in self.pending() if row.state == RecipientState.QUARANTINED.value]
+
     def pending(self) -> list[QueueRow]:
         """Every recipient not yet delivered or failed, oldest message first."""
         with Session(self.engine) as session:
@@ -351,6 +357,8 @@ class QueueStore:
                     next_attempt_at=r.next_attempt_at,
                     received_at=m.received_at,
                     last_error=r.last_error,
+                    reason=r.reason,
+                    username=m.username,
                 )
                 for r, m in rows
             ]

@@ -13,6 +13,7 @@ from gateway.cli.cert import cert
 from gateway.cli.check import check
 from gateway.cli.consent import consent
 from gateway.cli.patient import patient
+from gateway.cli.quarantine import quarantine
 from gateway.cli.queue import queue
 from gateway.cli.relationship import relationship
 from gateway.cli.serve import config, init, serve
@@ -36,6 +37,7 @@ cli.add_command(cert)
 cli.add_command(check)
 cli.add_command(queue)
 cli.add_command(audit)
+cli.add_command(quarantine)
 
 
 def main() -> None:

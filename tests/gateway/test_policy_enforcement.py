@@ -476,3 +476,44 @@ def test_a_consent_revoked_while_the_message_waits_stops_it_leaving(
     assert "withdrawn consent" in (practice.queue()[0].last_error or "")
     (report,) = sink.wait_for(1)  # only the report to the sender ever reached the next hop
     assert report.rcpt_tos == (SENDER,) and report.mail_from == "<>"
+
+
+def test_the_privacy_officer_sees_what_is_held_and_opening_it_is_audited(
+    practice_gateway: Callable[..., tuple[GatewayThread, Practice]], sink: Sink
+) -> None:
+    running, practice = practice_gateway()
+    practice.patient("Eve", "eve@example.org", "E-5")
+    practice.relate("E-5", "drsmith")
+    practice.consent("E-5", "eve@example.org")  # encrypted only, no certificate: held
+    client = running.logged_in("drsmith", PASSWORD)
+    client.sendmail(SENDER, ["eve@example.org"], _message("eve@example.org"))
+    client.quit()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
+    env.update(
+        CGW_DATA_DIR=str(running.settings.data_dir), CGW_DATABASE_URL=running.settings.database_url
+    )
+    cgw = str(Path(sys.executable).with_name("cgw"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cgw, *args], capture_output=True, text=True, env=env, timeout=60)
+
+    listed = run("quarantine", "list", "--json")
+    (held,) = json.loads(listed.stdout)
+    assert (held["recipients"], held["reasons"], held["user"]) == (
+        ["eve@example.org"],
+        ["NO_SECURE_CHANNEL"],
+        "drsmith",
+    )
+    assert "results are normal" not in listed.stdout  # never the content in a list
+    shown = run("quarantine", "show", held["id"], "--actor", "privacy-officer")
+    assert shown.returncode == 0, shown.stderr
+    assert "Your results are normal." in shown.stdout
+    assert shown.stdout.startswith("Received: by gateway.test")
+    (event,) = [e for e in practice.audit() if e.action == "quarantine.shown"]
+    assert (event.actor, event.message_id) == ("privacy-officer", held["id"])
+    missing = run("quarantine", "show", "NOSUCH")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        "cgw: error: no held message 'NOSUCH' (see: cgw quarantine list)"
+    )
+    assert sink.received == []
