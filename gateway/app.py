@@ -19,9 +19,9 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from consent_registry.db import make_engine, migrate
-from gateway.audit import audit_log
+from gateway.audit import audit_key, audit_log
 from gateway.auth import Authenticator
-from gateway.crypto_at_rest import load_or_create_key, load_or_create_secret
+from gateway.crypto_at_rest import storage_key
 from gateway.delivery import DeliveryWorker
 from gateway.intake import Intake
 from gateway.mx import make_resolver
@@ -53,6 +53,14 @@ class InitReport:
     created: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
 
+    def key(self, name: str, from_setting: bool, created: bool, keys_dir: Path) -> None:
+        if from_setting:
+            self.kept.append(f"{name} key (from CGW_{name.upper()}_KEY)")
+        else:
+            (self.created if created else self.kept).append(
+                f"{name} key {keys_dir / f'{name}.key'}"
+            )
+
 
 def tls_files(settings: Settings) -> tuple[Path, Path]:
     if settings.tls_cert is not None and settings.tls_key is not None:
@@ -64,19 +72,10 @@ def initialise(settings: Settings) -> InitReport:
     """Data directory, storage key, dev certificate and schema, as needed."""
     report = InitReport()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key_file = settings.keys_dir / "storage.key"
-    _, created = load_or_create_key(key_file, _configured_key(settings))
-    if settings.storage_key is not None:
-        report.kept.append("storage key (from CGW_STORAGE_KEY)")
-    else:
-        (report.created if created else report.kept).append(f"storage key {key_file}")
-    _, audit_created = load_or_create_secret(settings.keys_dir / "audit.key", _audit_key(settings))
-    if settings.audit_key is not None:
-        report.kept.append("audit key (from CGW_AUDIT_KEY)")
-    else:
-        (report.created if audit_created else report.kept).append(
-            f"audit key {settings.keys_dir / 'audit.key'}"
-        )
+    _, created = storage_key(settings)
+    report.key("storage", settings.storage_key is not None, created, settings.keys_dir)
+    _, created = audit_key(settings)
+    report.key("audit", settings.audit_key is not None, created, settings.keys_dir)
     cert, key = tls_files(settings)
     if settings.tls_cert is None and not (cert.exists() and key.exists()):
         create_dev_certificate(settings.tls_dir, settings.hostname)
@@ -91,14 +90,6 @@ def initialise(settings: Settings) -> InitReport:
         engine.dispose()
     report.kept.append("database schema (migrated to the newest revision)")
     return report
-
-
-def _configured_key(settings: Settings) -> str | None:
-    return settings.storage_key.get_secret_value() if settings.storage_key else None
-
-
-def _audit_key(settings: Settings) -> str | None:
-    return settings.audit_key.get_secret_value() if settings.audit_key else None
 
 
 def build_relay(settings: Settings) -> Relay:
@@ -144,7 +135,7 @@ class Gateway:
         await asyncio.to_thread(initialise, settings)
         engine = make_engine(settings.database_url)
         self._engine = engine
-        key, _ = load_or_create_key(settings.keys_dir / "storage.key", _configured_key(settings))
+        key, _ = storage_key(settings)
         spool = Spool(settings.spool_dir, key)
         audit = audit_log(settings)
         queue = QueueStore(engine, settings.instance_name, CLAIM_LEASE, audit)

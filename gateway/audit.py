@@ -215,11 +215,16 @@ def as_record(event: AuditEvent) -> dict[str, object]:
     return record
 
 
+def audit_key(settings: Settings) -> tuple[bytes, bool]:
+    """This installation's HMAC key (``CGW_AUDIT_KEY``, else its key file) and
+    whether the file was created just now."""
+    configured = settings.audit_key.get_secret_value() if settings.audit_key else None
+    return load_or_create_secret(settings.keys_dir / "audit.key", configured)
+
+
 def audit_log(settings: Settings) -> AuditLog:
     """The audit log with this installation's HMAC key (created on first use)."""
-    configured = settings.audit_key.get_secret_value() if settings.audit_key else None
-    key, _ = load_or_create_secret(settings.keys_dir / "audit.key", configured)
-    return AuditLog(key)
+    return AuditLog(audit_key(settings)[0])
 
 
 def _gap(first: int, last: int) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gateway.settings import Settings
+
 MAGIC = b"CGW1"
 CHUNK_SIZE = 1 << 20
 _WRAP_NONCE = 12
@@ -90,6 +92,12 @@ class StorageKey:
 
 def _chunk_nonce(index: int, final: bool) -> bytes:
     return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+
+
+def storage_key(settings: Settings) -> tuple[StorageKey, bool]:
+    """This installation's storage key (``CGW_STORAGE_KEY``, else its key file)."""
+    configured = settings.storage_key.get_secret_value() if settings.storage_key else None
+    return load_or_create_key(settings.keys_dir / "storage.key", configured)
 
 
 def load_or_create_key(path: Path, configured: str | None) -> tuple[StorageKey, bool]:

@@ -189,9 +189,10 @@ def import_(file: Path, fmt: str | None, actor: str) -> None:
             raise CliError(
                 f"{rows[exc.index][0]}, field {exc.field}: {exc}; nothing imported"
             ) from None
+        audit = context.audit(config)  # the key file is read once, not once per row
         for (position, _), view in zip(rows, views, strict=True):
             _audit_grant(
-                context.audit(config),
+                audit,
                 session,
                 view,
                 actor,

@@ -7,22 +7,22 @@ is itself audited. (Release and reject arrive with the rest of the quarantine.)
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import timedelta
 
 import click
 
 from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
-from gateway.crypto_at_rest import load_or_create_key
-from gateway.queue import QueueRow, QueueStore
+from gateway.cli.queue import queue_store
+from gateway.crypto_at_rest import storage_key
+from gateway.queue import QueueRow
 from gateway.settings import Settings
 from gateway.spool import Spool
 
 
 def _held(config: Settings) -> dict[str, list[QueueRow]]:
     with context.registry(config) as engine:
-        rows = QueueStore(engine, "cgw-cli", timedelta(0)).held()
+        rows = queue_store(engine).held()
     messages: dict[str, list[QueueRow]] = defaultdict(list)
     for row in rows:
         messages[row.message_id].append(row)
@@ -79,8 +79,7 @@ def show(message_id: str, actor: str) -> None:
     rows = _held(config).get(message_id)
     if not rows:
         raise CliError(f"no held message {message_id!r} (see: cgw quarantine list)")
-    configured = config.storage_key.get_secret_value() if config.storage_key else None
-    key, _ = load_or_create_key(config.keys_dir / "storage.key", configured)
+    key, _ = storage_key(config)
     content = Spool(config.spool_dir, key).load(message_id)
     with context.transaction(config) as session:
         context.audit(config).record(

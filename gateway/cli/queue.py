@@ -15,7 +15,8 @@ from gateway.cli.output import CliError, print_json, print_table
 from gateway.queue import QueueStore
 
 
-def _store(engine: Engine) -> QueueStore:
+def queue_store(engine: Engine) -> QueueStore:
+    """The queue as the CLI reads and nudges it (it claims nothing)."""
     return QueueStore(engine, "cgw-cli", timedelta(0))
 
 
@@ -30,7 +31,7 @@ def list_(as_json: bool) -> None:
     """Recipients waiting: queued, deferred (with the last error) or held."""
     config = context.settings()
     with context.registry(config) as engine:
-        rows = _store(engine).pending()
+        rows = queue_store(engine).pending()
     if as_json:
         print_json([asdict(r) for r in rows])
         return
@@ -61,7 +62,7 @@ def retry(message_id: str, actor: str) -> None:
     config = context.settings()
     with context.registry(config) as engine:
         now = context.now()
-        count = _store(engine).retry_now(message_id, now)
+        count = queue_store(engine).retry_now(message_id, now)
         if count == 0:
             raise CliError(f"no deferred recipients of message {message_id!r} in the queue")
         with session_scope(engine) as session:
