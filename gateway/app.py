@@ -28,8 +28,10 @@ from gateway.mx import make_resolver
 from gateway.mx_relay import MxRelay
 from gateway.policy_gate import PolicyGate
 from gateway.protection import Protector, load_practice_keys
+from gateway.quarantine import Quarantine, RetentionSweep
 from gateway.queue import QueueStore, RetryPolicy
 from gateway.relay import OutboxRelay, Relay, SmtpRelay
+from gateway.reports import Reports
 from gateway.settings import ListenAddress, Settings
 from gateway.smtp import ConnectionLimiter, SubmissionHandler, SubmissionProtocol
 from gateway.spool import Spool
@@ -125,9 +127,10 @@ class Gateway:
         self.settings = settings
         self.listeners: list[Listener] = []
         self._servers: list[asyncio.Server] = []
-        self._worker_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._engine: Engine | None = None
         self.worker: DeliveryWorker | None = None
+        self.sweep: RetentionSweep | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -143,13 +146,17 @@ class Gateway:
         retry = RetryPolicy(
             settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime
         )
-        intake = Intake(engine, spool, audit, settings.hostname, self._wake)
+        reports = Reports(audit, settings.hostname)
+        intake = Intake(engine, spool, audit, reports, settings.hostname, self.wake)
         archive, signer = load_practice_keys(
             settings.smime_archive_cert, settings.smime_signing_cert, settings.smime_signing_key
         )
         protector = Protector(engine, settings.protect_subject, archive, signer)
         gate = PolicyGate(engine, settings.policy())
-        self.worker = DeliveryWorker(queue, spool, relay, retry, intake.bounce, protector, gate)
+        self.worker = DeliveryWorker(queue, spool, relay, retry, reports, protector, gate)
+        self.sweep = RetentionSweep(
+            Quarantine(queue, spool, audit, reports, gate), settings.quarantine_retention
+        )
         handler = SubmissionHandler(
             authenticator=Authenticator(
                 engine,
@@ -172,7 +179,10 @@ class Gateway:
             await self._listen(
                 "submission (implicit TLS)", settings.smtps_listen, handler, tls, True
             )
-        self._worker_task = asyncio.create_task(self.worker.run())
+        self._tasks = [
+            asyncio.create_task(self.worker.run()),
+            asyncio.create_task(self.sweep.run()),
+        ]
 
     @staticmethod
     def _recover(spool: Spool, queue: QueueStore) -> None:
@@ -226,20 +236,24 @@ class Gateway:
         host, port = server.sockets[0].getsockname()[:2]
         self.listeners.append(Listener(label, ListenAddress(str(host), int(port))))
 
-    def _wake(self) -> None:
-        """A message was queued: the delivery worker need not wait for its poll."""
+    def wake(self) -> None:
+        """A message was queued: the delivery worker (and the retention sweep,
+        should it hold recipients) need not wait for their polls."""
         if self.worker is not None:
             self.worker.wake()
+        if self.sweep is not None:
+            self.sweep.wake()
 
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
         for server in self._servers:
             await server.wait_closed()
-        if self._worker_task is not None:
-            self._worker_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker_task
+                await task
         if self.worker is not None:
             await self.worker.drain()
             await self.worker.close()

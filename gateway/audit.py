@@ -48,6 +48,10 @@ class AuditAction(enum.StrEnum):
     MESSAGE_FAILED = "message.failed"
     MESSAGE_QUARANTINED = "message.quarantined"
     MESSAGE_BOUNCED = "message.bounced"
+    SENDER_NOTIFIED = "message.sender_notified"  # told that recipients are held
+    MESSAGE_RELEASED = "message.released"
+    MESSAGE_STILL_HELD = "message.still_held"  # a release the policy did not allow
+    MESSAGE_REJECTED = "message.rejected"
     AUTH_FAILED = "auth.failed"
     AUTH_LOCKED_OUT = "auth.locked_out"
     USER_ADDED = "user.added"

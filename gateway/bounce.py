@@ -1,9 +1,12 @@
-"""Delivery status notifications (RFC 3464), built as bytes; pure.
+"""Reports to senders (RFC 3464 delivery status notifications), built as bytes; pure.
 
-A bounce tells the sender, in words, which recipients did not get the
-message and what to do, and repeats it machine-readably. It quotes only the
-original header block (``text/rfc822-headers``), never the body: a bounce
-must not become a second, unprotected copy of patient mail.
+Two kinds: a *bounce* says which recipients will never get the message
+(``Action: failed``); a *held notice* says which recipients' copies wait in
+the quarantine for review (``Action: delayed``). A bounce quotes only the
+original header block (``text/rfc822-headers``), never the body: a report
+must not become a second, unprotected copy of patient mail. A held notice
+quotes nothing but the original's date and Message-ID, because the message
+it reports on is still held and must stay unreadable outside the quarantine.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
-from gateway.headers import split_message
+from gateway.headers import HeaderError, parse_fields, split_message
 
 
 @dataclass(frozen=True)
@@ -32,42 +35,98 @@ def build_dsn(
     now: datetime,
     queue_id: str,
 ) -> bytes:
-    boundary = f"=_cgw_{secrets.token_hex(12)}"
     lines = [
         f"This is the mail gateway at {hostname}.",
         "",
         "Your message could not be delivered to the following recipients:",
         "",
-    ]
-    for rcpt in failed:
-        lines.append(f"  <{rcpt.address}>: {_human(rcpt.diagnostic)}")
-    lines += [
+        *(f"  <{rcpt.address}>: {_human(rcpt.diagnostic)}" for rcpt in failed),
         "",
         "The other recipients, if any, were not affected. Nothing more will be tried for",
         "the recipients above: check the address, the patient's consent and relationship",
         "records (ask the practice's privacy officer), and send again when it is resolved.",
         "The original message's header follows; its body is not repeated here.",
     ]
-    human = "\r\n".join(lines) + "\r\n"
+    headers, _ = split_message(original)
+    return _report(
+        hostname,
+        sender,
+        "Undelivered Mail Returned to Sender",
+        lines,
+        "failed",
+        failed,
+        now,
+        queue_id,
+        headers,
+    )
+
+
+def build_held_notice(
+    hostname: str,
+    sender: str,
+    original: bytes,
+    held: Sequence[FailedRecipient],
+    now: datetime,
+    queue_id: str,
+) -> bytes:
+    date, message_id = _identity(original)
+    lines = [
+        f"This is the mail gateway at {hostname}.",
+        "",
+        f"Your message of {date} (queue id {queue_id}, Message-ID {message_id})",
+        "has not been sent yet to the following recipients. It is held, encrypted, for",
+        "review by the practice's privacy officer:",
+        "",
+        *(f"  <{rcpt.address}>: {_human(rcpt.diagnostic)}" for rcpt in held),
+        "",
+        "You need not send it again. The privacy officer either releases it (for example",
+        "once the patient's certificate or consent is on file), and then it is delivered,",
+        "or returns it to you with a reason. The other recipients, if any, were not affected.",
+    ]
+    return _report(
+        hostname,
+        sender,
+        "Message held for review (not yet delivered)",
+        lines,
+        "delayed",
+        held,
+        now,
+        queue_id,
+        None,
+    )
+
+
+def _report(
+    hostname: str,
+    sender: str,
+    subject: str,
+    human: list[str],
+    action: str,
+    recipients: Sequence[FailedRecipient],
+    now: datetime,
+    queue_id: str,
+    headers: bytes | None,
+) -> bytes:
+    boundary = f"=_cgw_{secrets.token_hex(12)}"
     status = [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Cgw-Queue-ID: {queue_id}",
         f"Arrival-Date: {format_datetime(now)}",
         "",
     ]
-    for rcpt in failed:
+    for rcpt in recipients:
+        # A next hop's multi-line reply must not break the report's fields apart.
         status += [
             f"Final-Recipient: rfc822; {rcpt.address}",
-            "Action: failed",
+            f"Action: {action}",
             f"Status: {rcpt.status}",
-            f"Diagnostic-Code: smtp; {rcpt.diagnostic}",
+            f"Diagnostic-Code: smtp; {' '.join(rcpt.diagnostic.split())}",
             "",
         ]
-    headers, _ = split_message(original)
     parts = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{sender}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        f"Subject: {subject}",
         f"Date: {format_datetime(now)}",
         f"Message-ID: <{queue_id}.dsn.{secrets.token_hex(4)}@{hostname}>",
         "Auto-Submitted: auto-replied",
@@ -80,23 +139,36 @@ def build_dsn(
         "Content-Type: text/plain; charset=utf-8",
         "Content-Transfer-Encoding: 8bit",
         "",
-        human.rstrip("\r\n"),
+        "\r\n".join(human),
         f"--{boundary}",
         "Content-Type: message/delivery-status",
         "",
         "\r\n".join(status).rstrip("\r\n"),
         "",
-        f"--{boundary}",
-        "Content-Type: text/rfc822-headers",
-        "",
     ]
     head = "\r\n".join(parts).encode() + b"\r\n"
-    return head + headers.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
+    if headers is None:
+        return head + f"--{boundary}--\r\n".encode()
+    quoted = f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode()
+    return head + quoted + headers.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
+
+
+def _identity(original: bytes) -> tuple[str, str]:
+    """The original's Date and Message-ID, the only header fields a held notice repeats."""
+    found = {"date": "(no date)", "message-id": "(none)"}
+    try:
+        fields = parse_fields(split_message(original)[0])
+    except HeaderError:
+        return found["date"], found["message-id"]
+    for field in fields:
+        if field.name in found:
+            found[field.name] = field.value
+    return found["date"], found["message-id"]
 
 
 def _human(diagnostic: str) -> str:
     """The sentence of a reply, without the codes."""
-    words = diagnostic.split(" ", 2)
+    words = " ".join(diagnostic.split()).split(" ", 2)
     if len(words) == 3 and words[0].isdigit() and words[1][:1].isdigit():
         return words[2]
-    return diagnostic
+    return " ".join(diagnostic.split())

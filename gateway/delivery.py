@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from sqlmodel import Session
+
 from gateway import replies
+from gateway.audit import storable
 from gateway.bounce import FailedRecipient
 from gateway.policy_gate import PolicyGate
 from gateway.protection import ProtectionUnavailable, Protector
@@ -25,17 +28,16 @@ from gateway.queue import (
     RecipientResult,
     RetryPolicy,
     Verdict,
+    settle,
 )
 from gateway.relay import Relay
+from gateway.reports import Report, Reports
 from gateway.spool import Spool
 from policies.decision import Outcome, Protection
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0
-
-# (sender, original message, failed recipients, queue id) -> queue id of the report
-Bounce = Callable[[str, bytes, Sequence[FailedRecipient], str], Awaitable[str]]
 
 
 class DeliveryWorker:
@@ -45,7 +47,7 @@ class DeliveryWorker:
         spool: Spool,
         relay: Relay,
         retry: RetryPolicy,
-        bounce: Bounce,
+        reports: Reports,
         protector: Protector,
         gate: PolicyGate,
         concurrency: int = 8,
@@ -55,7 +57,7 @@ class DeliveryWorker:
         self.spool = spool
         self.relay = relay
         self.retry = retry
-        self.bounce = bounce
+        self.reports = reports
         self.protector = protector
         self.gate = gate
         self.clock = clock
@@ -138,18 +140,37 @@ class DeliveryWorker:
                 *_summary(results[rcpt.address]),
             )
         try:
-            finished = await asyncio.to_thread(
-                self.queue.finish, message, results, self.clock(), self.retry
-            )
+            complete = await asyncio.to_thread(self._record, message, results, content)
         except Exception:
             # Unrecorded: the claim lapses and the message is tried again (at least once).
             log.exception("could not record the delivery of %s", message.message_id)
             return
-        if finished.failed and not message.is_bounce and message.mail_from:
-            failed = [FailedRecipient(a, _status_of(reply), reply) for a, reply in finished.failed]
-            await self.bounce(message.mail_from, content, failed, message.message_id)
-        if finished.complete:
+        if complete:
             await asyncio.to_thread(self.spool.remove, message.message_id)
+
+    def _record(
+        self, message: ClaimedMessage, results: dict[str, RecipientResult], content: bytes
+    ) -> bool:
+        """Record the results, and queue the bounce for failures in the same transaction."""
+        now = self.clock()
+        settled = settle(message, results, now, self.retry.lifetime)
+        failed = [
+            FailedRecipient(address, _status_of(result.reply), storable(result.reply))
+            for address, result in settled.items()
+            if result.verdict is Verdict.FAILED
+        ]
+        with self.spool.batch() as batch:
+            report: Report | None = None
+            if failed and not message.is_bounce and message.mail_from:
+                report = self.reports.bounce(
+                    batch, message.mail_from, content, failed, message.message_id, now
+                )
+
+            def queue_report(session: Session) -> None:
+                if report is not None:
+                    self.reports.enqueue(session, report, now)
+
+            return self.queue.finish(message, settled, now, self.retry, queue_report)
 
     async def _no_longer_allowed(self, message: ClaimedMessage) -> dict[str, RecipientResult]:
         """Patient recipients the policy now refuses: they fail, and the sender is told."""

@@ -1,6 +1,7 @@
 """Accepting a message: stamp its header, spool it durably, queue it, audit it.
 
-The order is the promise behind 250: the sealed file is fsync'ed into the
+The order is the promise behind 250: the sealed file (and any report the
+sender is owed: a held notice, a bounce in bounce mode) is fsync'ed into the
 spool, then the queue rows and audit entries commit in one transaction, and
 only then does the client hear 250. A fault at any step removes what was
 written and the client hears 451 (or 452 when the disk is full).
@@ -17,26 +18,27 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from sqlalchemy import Engine
+from sqlmodel import Session
 
 from consent_registry.db import session_scope
+from gateway import replies
 from gateway.audit import AuditAction, AuditEntry, AuditLog
-from gateway.bounce import FailedRecipient, build_dsn
+from gateway.bounce import FailedRecipient
 from gateway.headers import rewrite_header
-from gateway.queue import QueuedRecipient, QueueStore
+from gateway.queue import QueuedRecipient, QueueStore, new_message_id
+from gateway.reports import Reports
 from gateway.spool import Spool, SpoolFull
 from policies.decision import Decision, Outcome
 from policies.facts import SenderFacts
 
 log = logging.getLogger(__name__)
 
+# A held recipient in the sender's notice: not delivered yet, for a security reason.
+HELD_STATUS = "4.7.0"
+
 
 class StorageFullError(Exception):
     """No room to store the message: the client should try again later."""
-
-
-def new_message_id(now: datetime) -> str:
-    """Time-ordered, unguessable queue id (like Postfix's long queue ids)."""
-    return f"{int(now.timestamp() * 1000):011X}{secrets.token_hex(5).upper()}"
 
 
 class Intake:
@@ -45,6 +47,7 @@ class Intake:
         engine: Engine,
         spool: Spool,
         audit: AuditLog,
+        reports: Reports,
         hostname: str,
         on_accepted: Callable[[], None],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -52,6 +55,7 @@ class Intake:
         self.engine = engine
         self.spool = spool
         self.audit = audit
+        self.reports = reports
         self.hostname = hostname
         self.on_accepted = on_accepted
         self.clock = clock
@@ -62,56 +66,21 @@ class Intake:
         mail_from: str,
         decided: Sequence[tuple[str, Decision]],
         content: bytes,
-    ) -> str:
-        """Store a message for its allowed and held recipients; returns the queue id."""
+    ) -> str | None:
+        """Store a message and the reports its sender is owed, all or nothing.
+
+        Allowed and held recipients are queued; the sender is told of held
+        ones in a notice and of refused ones (bounce mode) in a bounce.
+        Returns the queue id, or None when every recipient was refused.
+        """
         now = self.clock()
         message_id = new_message_id(now)
         stamped = self._stamp(content, message_id, now)
-        await asyncio.to_thread(self._store, sender, message_id, mail_from, decided, stamped, now)
+        kept = await asyncio.to_thread(
+            self._store, sender, message_id, mail_from, decided, stamped, now
+        )
         self.on_accepted()
-        return message_id
-
-    async def bounce(
-        self, sender_address: str, original: bytes, failed: Sequence[FailedRecipient], about: str
-    ) -> str:
-        """Queue one delivery status notification to the sender (from the null sender)."""
-        now = self.clock()
-        message_id = new_message_id(now)
-        report = build_dsn(self.hostname, sender_address, original, failed, now, about)
-        await asyncio.to_thread(self._store_bounce, message_id, sender_address, report, about, now)
-        self.on_accepted()
-        return message_id
-
-    def _store_bounce(
-        self, message_id: str, sender_address: str, report: bytes, about: str, now: datetime
-    ) -> None:
-        self.spool.store(message_id, report)
-        try:
-            with session_scope(self.engine) as session:
-                QueueStore.enqueue(
-                    session,
-                    message_id,
-                    "",
-                    None,
-                    len(report),
-                    [QueuedRecipient(sender_address)],
-                    now,
-                    is_bounce=True,
-                )
-                self.audit.record(
-                    session,
-                    AuditEntry(
-                        action=AuditAction.MESSAGE_BOUNCED,
-                        actor="gateway",
-                        message_id=about,
-                        recipient=sender_address,
-                        detail=f"delivery status notification {message_id}",
-                    ),
-                    now,
-                )
-        except BaseException:
-            self.spool.remove(message_id)
-            raise
+        return message_id if kept else None
 
     def _stamp(self, content: bytes, message_id: str, now: datetime) -> bytes:
         # No client host name or address: patients need not learn the
@@ -138,37 +107,72 @@ class Intake:
         decided: Sequence[tuple[str, Decision]],
         content: bytes,
         now: datetime,
-    ) -> None:
+    ) -> bool:
+        kept = [(a, d) for a, d in decided if d.outcome is not Outcome.DENY]
+        refused = [
+            FailedRecipient(a, d.enhanced_code, replies.decision(d, a))
+            for a, d in decided
+            if d.outcome is Outcome.DENY
+        ]
+        held = [
+            FailedRecipient(a, HELD_STATUS, d.sentence)
+            for a, d in decided
+            if d.outcome is Outcome.QUARANTINE
+        ]
+        about = message_id if kept else "-"
         try:
-            self.spool.store(message_id, content)
+            with self.spool.batch() as batch:
+                if kept:
+                    batch.store(message_id, content)
+                reports = []
+                if refused and mail_from:
+                    reports.append(
+                        self.reports.bounce(batch, mail_from, content, refused, about, now)
+                    )
+                if held and mail_from:
+                    reports.append(
+                        self.reports.held_notice(batch, mail_from, content, held, about, now)
+                    )
+                with session_scope(self.engine) as session:
+                    if kept:
+                        self._enqueue(session, sender, message_id, mail_from, kept, content, now)
+                    for report in reports:
+                        self.reports.enqueue(session, report, now)
         except SpoolFull as exc:
             raise StorageFullError(str(exc)) from exc
-        try:
-            with session_scope(self.engine) as session:
-                queued = [_queued(address, decision) for address, decision in decided]
-                QueueStore.enqueue(
-                    session, message_id, mail_from, sender.username, len(content), queued, now
-                )
-                for address, decision in decided:
-                    held = decision.outcome is Outcome.QUARANTINE
-                    self.audit.record(
-                        session,
-                        _decision_entry(
-                            AuditAction.MESSAGE_QUARANTINED
-                            if held
-                            else AuditAction.MESSAGE_ACCEPTED,
-                            sender,
-                            address,
-                            decision,
-                            message_id,
-                        ),
-                        now,
-                    )
-        except BaseException as exc:
-            self.spool.remove(message_id)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError(str(exc)) from exc
             raise
+        return bool(kept)
+
+    def _enqueue(
+        self,
+        session: Session,
+        sender: SenderFacts,
+        message_id: str,
+        mail_from: str,
+        kept: Sequence[tuple[str, Decision]],
+        content: bytes,
+        now: datetime,
+    ) -> None:
+        queued = [QueuedRecipient.decided(address, decision) for address, decision in kept]
+        QueueStore.enqueue(
+            session, message_id, mail_from, sender.username, len(content), queued, now
+        )
+        for address, decision in kept:
+            held = decision.outcome is Outcome.QUARANTINE
+            self.audit.record(
+                session,
+                _decision_entry(
+                    AuditAction.MESSAGE_QUARANTINED if held else AuditAction.MESSAGE_ACCEPTED,
+                    sender,
+                    address,
+                    decision,
+                    message_id,
+                ),
+                now,
+            )
 
     async def record_refusal(self, sender: SenderFacts, recipient: str, decision: Decision) -> None:
         await asyncio.to_thread(self._audit_refusal, sender, recipient, decision, self.clock())
@@ -182,17 +186,6 @@ class Intake:
                 _decision_entry(AuditAction.MESSAGE_DENIED, sender, recipient, decision),
                 now,
             )
-
-
-def _queued(address: str, decision: Decision) -> QueuedRecipient:
-    return QueuedRecipient(
-        address=address,
-        protection=decision.protection.value,
-        reason=decision.reason.value,
-        patient_id=decision.patient_id,
-        certificate_id=decision.certificate_id,
-        quarantined=decision.outcome is Outcome.QUARANTINE,
-    )
 
 
 def _decision_entry(

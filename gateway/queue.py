@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import enum
 import random
+import secrets
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -24,7 +25,13 @@ from sqlmodel import Session, col, select
 from consent_registry.db import session_scope
 from consent_registry.models import QueueMessage, QueueRecipient
 from gateway.audit import AuditAction, AuditEntry, AuditLog, storable
+from policies.decision import Decision, Outcome
 from policies.retry import expired, next_attempt
+
+
+def new_message_id(now: datetime) -> str:
+    """Time-ordered, unguessable queue id (like Postfix's long queue ids)."""
+    return f"{int(now.timestamp() * 1000):011X}{secrets.token_hex(5).upper()}"
 
 
 class RecipientState(enum.StrEnum):
@@ -65,6 +72,17 @@ class QueuedRecipient:
     certificate_id: int | None = None
     quarantined: bool = False
 
+    @classmethod
+    def decided(cls, address: str, decision: Decision) -> QueuedRecipient:
+        return cls(
+            address=address,
+            protection=decision.protection.value,
+            reason=decision.reason.value,
+            patient_id=decision.patient_id,
+            certificate_id=decision.certificate_id,
+            quarantined=decision.outcome is Outcome.QUARANTINE,
+        )
+
 
 @dataclass(frozen=True)
 class ClaimedRecipient:
@@ -93,12 +111,24 @@ class RetryPolicy:
     lifetime: timedelta
 
 
-@dataclass(frozen=True)
-class Finished:
-    """After one delivery attempt: is the message complete, and who failed for good."""
+def settle(
+    claimed: ClaimedMessage, results: dict[str, RecipientResult], now: datetime, lifetime: timedelta
+) -> dict[str, RecipientResult]:
+    """The results as they will be recorded: a deferral past the queue lifetime fails.
 
-    complete: bool
-    failed: list[tuple[str, str]]
+    Worked out before the transaction, so that the bounce for these failures
+    can be stored in the spool first and queued in that same transaction.
+    """
+    if not expired(claimed.received_at, now, lifetime):
+        return results
+    return {
+        address: RecipientResult(
+            Verdict.FAILED, f"queue lifetime exceeded; last error: {result.reply}"
+        )
+        if result.verdict is Verdict.DEFERRED
+        else result
+        for address, result in results.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -227,29 +257,36 @@ class QueueStore:
         results: dict[str, RecipientResult],
         now: datetime,
         retry: RetryPolicy,
-    ) -> Finished:
-        """Record what the next hop said, and which recipients failed for good now."""
-        failed: list[tuple[str, str]] = []
+        within: Callable[[Session], None] | None = None,
+    ) -> bool:
+        """Record settled results (see ``settle``); True when the message is complete.
+
+        ``within`` adds to the same transaction (the bounce for these results).
+        """
         with session_scope(self.engine) as session:
             for claimed_rcpt in claimed.recipients:
                 row = session.get(QueueRecipient, claimed_rcpt.row_id)
                 assert row is not None
-                result = results[claimed_rcpt.address]
-                self._apply(session, row, result, claimed, now, retry)
-                if row.state == RecipientState.FAILED.value:
-                    failed.append((row.address, row.last_error or ""))
-            open_rows = session.exec(
-                select(QueueRecipient.id)
-                .where(QueueRecipient.message_id == claimed.message_id)
-                .where(col(QueueRecipient.state).in_(OPEN_STATES))
-            ).first()
-            if open_rows is not None:
-                return Finished(False, failed)
-            message = session.get(QueueMessage, claimed.message_id)
-            assert message is not None
-            message.done_at = now
-            session.add(message)
-            return Finished(True, failed)
+                self._apply(session, row, results[claimed_rcpt.address], claimed, now, retry)
+            if within is not None:
+                within(session)
+            return self.close_if_complete(session, claimed.message_id, now)
+
+    @staticmethod
+    def close_if_complete(session: Session, message_id: str, now: datetime) -> bool:
+        """Mark the message done when no recipient is open any more."""
+        open_row = session.exec(
+            select(QueueRecipient.id)
+            .where(QueueRecipient.message_id == message_id)
+            .where(col(QueueRecipient.state).in_(OPEN_STATES))
+        ).first()
+        if open_row is not None:
+            return False
+        message = session.get(QueueMessage, message_id)
+        assert message is not None
+        message.done_at = now
+        session.add(message)
+        return True
 
     def _apply(
         self,
@@ -261,8 +298,6 @@ class QueueStore:
         retry: RetryPolicy,
     ) -> None:
         verdict, reply = result.verdict, storable(result.reply)
-        if verdict is Verdict.DEFERRED and expired(claimed.received_at, now, retry.lifetime):
-            verdict, reply = Verdict.FAILED, f"queue lifetime exceeded; last error: {reply}"
         row.attempts += 1
         row.last_error = None if verdict is Verdict.DELIVERED else reply
         row.claimed_by = None
@@ -296,15 +331,67 @@ class QueueStore:
             now,
         )
 
-    def failed_recipients(self, message_id: str) -> list[tuple[str, str]]:
-        """(address, last error) of the recipients that failed for good."""
+    @staticmethod
+    def take_held(session: Session, message_id: str) -> list[QueueRecipient]:
+        """A message's held recipients, locked against a concurrent release or reject.
+
+        The no-op update takes the locks (row locks on PostgreSQL, the write
+        lock on SQLite) before the read, so whoever comes second finds the rows
+        already moved on.
+        """
+        held = (col(QueueRecipient.message_id) == message_id) & (
+            col(QueueRecipient.state) == RecipientState.QUARANTINED.value
+        )
+        session.execute(update(QueueRecipient).where(held).values(state=QueueRecipient.state))
+        return list(
+            session.exec(select(QueueRecipient).where(held).order_by(col(QueueRecipient.id)))
+        )
+
+    @staticmethod
+    def release(
+        session: Session, row: QueueRecipient, now_allowed: QueuedRecipient, now: datetime
+    ) -> None:
+        """A held recipient becomes due, with what the policy decides now."""
+        row.state = RecipientState.QUEUED.value
+        row.next_attempt_at = row.updated_at = now
+        row.protection = now_allowed.protection
+        row.reason = now_allowed.reason
+        row.patient_id = now_allowed.patient_id
+        row.certificate_id = now_allowed.certificate_id
+        session.add(row)
+
+    @staticmethod
+    def reject(session: Session, row: QueueRecipient, reply: str, now: datetime) -> None:
+        """A held recipient fails for good (the sender gets a bounce)."""
+        row.state = RecipientState.FAILED.value
+        row.last_error = storable(reply)
+        row.updated_at = now
+        session.add(row)
+
+    def held_before(self, cutoff: datetime) -> list[str]:
+        """Messages with recipients held since before ``cutoff``, oldest first."""
         with Session(self.engine) as session:
-            rows = session.exec(
-                select(QueueRecipient.address, QueueRecipient.last_error)
-                .where(QueueRecipient.message_id == message_id)
-                .where(QueueRecipient.state == RecipientState.FAILED.value)
-            ).all()
-            return [(address, error or "") for address, error in rows]
+            return list(
+                session.exec(
+                    select(QueueMessage.id)
+                    .join(QueueRecipient, col(QueueMessage.id) == QueueRecipient.message_id)
+                    .where(QueueRecipient.state == RecipientState.QUARANTINED.value)
+                    .where(col(QueueMessage.received_at) < cutoff)
+                    .group_by(col(QueueMessage.id), col(QueueMessage.received_at))
+                    .order_by(col(QueueMessage.received_at))
+                ).all()
+            )
+
+    def oldest_held(self) -> datetime | None:
+        """When the longest-held message arrived."""
+        with Session(self.engine) as session:
+            return session.exec(
+                select(QueueMessage.received_at)
+                .join(QueueRecipient, col(QueueMessage.id) == QueueRecipient.message_id)
+                .where(QueueRecipient.state == RecipientState.QUARANTINED.value)
+                .order_by(col(QueueMessage.received_at))
+                .limit(1)
+            ).first()
 
     def open_message_ids(self) -> set[str]:
         """Messages not yet complete: their spool files must be kept."""

@@ -46,7 +46,12 @@ def bare_line_ending(kind: str) -> str:
     )
 
 
-def queued(message_id: str) -> str:
+def queued(message_id: str, held: int = 0) -> str:
+    if held:
+        return (
+            f"250 2.0.0 Ok: queued as {message_id}; {held} recipient(s) held for review, "
+            "you will get a notice"
+        )
     return f"250 2.0.0 Ok: queued as {message_id}"
 
 
@@ -117,3 +122,12 @@ def enhance(status: str) -> str:
     enhanced = _DEFAULT_ENHANCED.get(code, f"{code[0]}.0.0")
     separator = status[3:4] or " "
     return f"{code}{separator}{enhanced} {status[4:]}".rstrip()
+
+
+def rejected_from_quarantine(address: str, reason: str | None) -> str:
+    why = f": {' '.join(reason.split())}" if reason and reason.strip() else ""
+    return f"550 5.7.1 <{address}>: the practice's privacy officer did not release it{why}"
+
+
+def held_too_long(address: str, retention: str) -> str:
+    return f"550 5.4.7 <{address}>: held for review longer than {retention}, and not released"

@@ -226,6 +226,7 @@ class Settings(BaseSettings):
         tuple[ListenAddress, ...], NoDecode, BeforeValidator(lambda v: parse_resolvers(v))
     ] = ()
     mx_port: int = Field(default=25, gt=0, le=65535)
+    quarantine_retention: Duration = timedelta(days=30)
 
     @field_validator("hostname", "instance_name")
     @classmethod
@@ -288,6 +289,7 @@ class Settings(BaseSettings):
             "delivery_timeout",
             "smtp_idle_timeout",
             "smtp_session_timeout",
+            "quarantine_retention",
         ):
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}: must be longer than 0s")

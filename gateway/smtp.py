@@ -23,7 +23,6 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from consent_registry.addresses import Address, AddressError, parse_address
 from gateway import replies
 from gateway.auth import Authenticator
-from gateway.bounce import FailedRecipient
 from gateway.headers import (
     HeaderError,
     HeaderField,
@@ -264,20 +263,16 @@ class SubmissionHandler:
         decisions = await self._apply_header_rules(sender, envelope.decisions, fields)
         if decisions is None:
             return replies.PATIENTS_EXPOSED
-        deliver = [(a, d) for a, d in decisions.items() if d.outcome is not Outcome.DENY]
-        refused = [(a, d) for a, d in decisions.items() if d.outcome is Outcome.DENY]
         try:
-            message_id = None
-            if deliver:
-                message_id = await self.intake.accept(sender, envelope.mail_from, deliver, content)
-            if refused:
-                failed = [
-                    FailedRecipient(a, d.enhanced_code, replies.decision(d, a)) for a, d in refused
-                ]
-                await self.intake.bounce(envelope.mail_from, content, failed, message_id or "-")
+            message_id = await self.intake.accept(
+                sender, envelope.mail_from, list(decisions.items()), content
+            )
         except StorageFullError:
             return replies.STORAGE_FULL
-        return replies.queued(message_id) if message_id else replies.ALL_REFUSED_REPORTED
+        if message_id is None:
+            return replies.ALL_REFUSED_REPORTED
+        held = sum(d.outcome is Outcome.QUARANTINE for d in decisions.values())
+        return replies.queued(message_id, held)
 
     async def _apply_header_rules(
         self, sender: SenderFacts, decisions: dict[str, Decision], fields: list[HeaderField]

@@ -9,10 +9,11 @@ it at start-up, as Postfix drops unfinished files from ``incoming``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gateway.crypto_at_rest import StorageKey
@@ -60,6 +61,22 @@ class Spool:
                 raise SpoolFull(exc.errno, exc.strerror) from exc
             raise
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[SpoolBatch]:
+        """Files stored in the block are removed again if the block fails.
+
+        The block stores first and commits the queue rows last: a failure
+        anywhere means nothing was acknowledged, so nothing may stay behind.
+        """
+        batch = SpoolBatch(self)
+        try:
+            yield batch
+        except BaseException:
+            for message_id in batch.stored:
+                with contextlib.suppress(OSError):
+                    self.remove(message_id)
+            raise
+
     def load(self, message_id: str) -> bytes:
         return self.key.open(self.path(message_id).read_bytes(), message_id)
 
@@ -91,6 +108,18 @@ class Spool:
         if dropped:
             _fsync_directory(self.directory)
         return dropped
+
+
+class SpoolBatch:
+    """The files one transaction stores (see ``Spool.batch``)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.stored: list[str] = []
+
+    def store(self, message_id: str, content: bytes) -> None:
+        self.spool.store(message_id, content)
+        self.stored.append(message_id)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -264,3 +264,24 @@ def decide_exposure(
 def sender_owns(sender: SenderFacts, address_key: str) -> bool:
     """A user may send only as one of their own professional addresses."""
     return address_key in sender.address_keys
+
+
+def decide_release(now_decided: Decision) -> Decision:
+    """What an admin's release of a held recipient does, given the policy's decision now.
+
+    The policy still rules at release: a release delivers only what it now
+    allows (say, once a certificate or a TLS consent is on file). The one
+    hold that exists *for* a person's review is an unknown external
+    recipient's (``CGW_UNKNOWN_EXTERNAL=quarantine``): the release is that
+    review, so it lets the recipient go. A patient still without a secure
+    channel stays held (never plaintext for want of a key), and so does a
+    recipient the policy now refuses; the admin may reject those instead.
+    """
+    if now_decided.outcome is Outcome.QUARANTINE and now_decided.reason is Reason.UNKNOWN_EXTERNAL:
+        return Decision(
+            Outcome.ALLOW,
+            Reason.UNKNOWN_EXTERNAL,
+            "released-after-review",
+            now_decided.protection,
+        )
+    return now_decided

@@ -31,6 +31,10 @@ class GatewayThread:
         self.thread.join(10)
         self.loop.close()
 
+    def wake(self) -> None:
+        """Tell the gateway that work was queued elsewhere (say, by a CLI release)."""
+        self.loop.call_soon_threadsafe(self.gateway.wake)
+
     def port(self, implicit: bool = False) -> int:
         label = "implicit TLS" if implicit else "STARTTLS"
         for listener in self.gateway.listeners:

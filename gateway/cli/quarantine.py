@@ -1,32 +1,47 @@
 """``cgw quarantine``: messages held by policy, for the privacy officer to review.
 
-Held messages stay sealed in the spool; ``show`` opens one for an admin and
-is itself audited. (Release and reject arrive with the rest of the quarantine.)
+Held messages stay sealed in the spool. ``show`` opens one for an admin and
+is itself audited; ``release`` asks the policy again and queues only what it
+now allows; ``reject`` returns the message to its sender in one bounce.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
-from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from gateway.cli.queue import queue_store
-from gateway.crypto_at_rest import storage_key
-from gateway.queue import QueueRow
-from gateway.settings import Settings
+from gateway.crypto_at_rest import SealError, storage_key
+from gateway.policy_gate import PolicyGate
+from gateway.quarantine import NotHeld, Quarantine
+from gateway.reports import Reports
 from gateway.spool import Spool
 
 
-def _held(config: Settings) -> dict[str, list[QueueRow]]:
+@contextmanager
+def _quarantine() -> Iterator[Quarantine]:
+    config = context.settings()
     with context.registry(config) as engine:
-        rows = queue_store(engine).held()
-    messages: dict[str, list[QueueRow]] = defaultdict(list)
-    for row in rows:
-        messages[row.message_id].append(row)
-    return messages
+        key, _ = storage_key(config)
+        audit = context.audit(config)
+        try:
+            yield Quarantine(
+                queue_store(engine),
+                Spool(config.spool_dir, key),
+                audit,
+                Reports(audit, config.hostname),
+                PolicyGate(engine, config.policy()),
+            )
+        except NotHeld as exc:
+            raise CliError(str(exc)) from None
+        except FileNotFoundError as exc:
+            raise CliError(f"the held message's sealed file is missing: {exc.filename}") from None
+        except SealError as exc:
+            raise CliError(f"the held message cannot be opened: {exc}") from None
 
 
 @click.group()
@@ -38,7 +53,8 @@ def quarantine() -> None:
 @context.json_option
 def list_(as_json: bool) -> None:
     """Held messages: when, from whom, to whom, and why."""
-    messages = _held(context.settings())
+    with _quarantine() as held_messages:
+        messages = held_messages.held()
     if as_json:
         print_json(
             [
@@ -75,21 +91,41 @@ def list_(as_json: bool) -> None:
 @context.actor_option
 def show(message_id: str, actor: str) -> None:
     """The held message itself, headers and body (audited)."""
-    config = context.settings()
-    rows = _held(config).get(message_id)
-    if not rows:
-        raise CliError(f"no held message {message_id!r} (see: cgw quarantine list)")
-    key, _ = storage_key(config)
-    content = Spool(config.spool_dir, key).load(message_id)
-    with context.transaction(config) as session:
-        context.audit(config).record(
-            session,
-            AuditEntry(
-                AuditAction.QUARANTINE_SHOWN,
-                actor,
-                message_id=message_id,
-                detail=f"held for {', '.join(r.recipient for r in rows)}",
-            ),
-            context.now(),
-        )
+    with _quarantine() as held_messages:
+        content = held_messages.show(message_id, actor)
     click.echo(content.decode("utf-8", errors="replace"), nl=False)
+
+
+@quarantine.command()
+@click.argument("message_id")
+@context.actor_option
+def release(message_id: str, actor: str) -> None:
+    """Deliver what the policy allows now; the rest stays held, and says why.
+
+    Exit status 0 when every held recipient was released, 1 when any stays held.
+    """
+    with _quarantine() as held_messages:
+        result = held_messages.release(message_id, actor)
+    for address, decision in result.released:
+        click.echo(f"released <{address}> ({decision.protection.value}); it is delivered shortly")
+    for address, decision in result.still_held:
+        click.echo(f"still held <{address}> ({decision.reason.value}): {decision.sentence}")
+    if result.still_held:
+        raise CliError(
+            f"{len(result.still_held)} recipient(s) of {message_id} stay held; "
+            "record what is missing and release again, or reject"
+        )
+
+
+@quarantine.command()
+@click.argument("message_id")
+@click.option("--reason", help="Why, for the sender (in the bounce) and the audit log.")
+@context.actor_option
+def reject(message_id: str, reason: str | None, actor: str) -> None:
+    """Do not deliver: the held recipients fail and the sender gets one bounce."""
+    with _quarantine() as held_messages:
+        rejected = held_messages.reject(message_id, actor, reason)
+    click.echo(
+        f"rejected {message_id} for {', '.join(f'<{a}>' for a in rejected)}; "
+        "the sender gets a bounce"
+    )

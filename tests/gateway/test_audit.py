@@ -20,7 +20,8 @@ from gateway.settings import Settings
 from tests.conftest import PASSWORD, Run
 from tests.gateway import test_policy_enforcement as enforcement
 from tests.gateway.test_durability import _wait
-from tests.gateway.test_policy_enforcement import Practice, _message, _rcpt
+from tests.gateway.test_policy_enforcement import _message, _rcpt
+from tests.practice import Practice
 from tests.runner import GatewayThread
 
 DAY = datetime(2026, 3, 10, 9, 0, tzinfo=UTC)
@@ -192,9 +193,6 @@ def test_concurrent_writers_leave_one_linear_chain(
         writer.join(300)
         assert writer.exitcode == 0
     assert _verify(cgw) == (0, f"audit log intact: {2 * each} entries")
-
-
-practice_gateway = enforcement.practice_gateway
 
 
 def test_the_story_of_a_patient_reads_back_in_order(

@@ -13,8 +13,8 @@ from gateway.settings import Settings
 from tests.conftest import DOMAIN, PASSWORD
 from tests.fake_dns import FakeDns
 from tests.gateway.test_durability import _wait
-from tests.gateway.test_policy_enforcement import SENDER, Practice
 from tests.pki import TestCA
+from tests.practice import SENDER, Practice
 from tests.runner import GatewayThread
 from tests.sink import Sink
 

@@ -10,133 +10,22 @@ import os
 import smtplib
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import Callable
+from datetime import date, timedelta
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import pytest
-from sqlmodel import Session, select
+from sqlmodel import select
 
-from consent_registry import consents, patients, relationships
-from consent_registry.consents import ConsentTerms
-from consent_registry.db import make_engine, session_scope
-from consent_registry.models import AuditEvent, Consent, QueueRecipient
-from consent_registry.users import add_user
+from consent_registry.db import make_engine
+from consent_registry.models import Consent
 from gateway.queue import QueueStore
-from gateway.settings import Settings
 from tests.conftest import DOMAIN, PASSWORD
 from tests.gateway.test_durability import _wait
+from tests.practice import SENDER, Practice
+from tests.practice import now as _now
 from tests.runner import GatewayThread
 from tests.sink import Sink
-
-SENDER = f"dr.smith@{DOMAIN}"
-UTC_ZONE = ZoneInfo("UTC")
-
-
-@dataclass
-class Practice:
-    settings: Settings
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        engine = make_engine(self.settings.database_url)
-        try:
-            with session_scope(engine) as session:
-                yield session
-        finally:
-            engine.dispose()
-
-    def patient(self, name: str, email_address: str, mrn: str) -> int:
-        with self.session() as session:
-            return patients.add_patient(session, name, [email_address], mrn, "test", _now()).id
-
-    def relate(self, mrn: str, clinician: str, since: date | None = None) -> int:
-        with self.session() as session:
-            patient = patients.resolve_patient(session, mrn)
-            return relationships.add_relationship(
-                session,
-                patient,
-                clinician,
-                since or date(2020, 1, 1),
-                "primary",
-                "test",
-                _now(),
-                UTC_ZONE,
-            ).id
-
-    def end_relationship(self, relationship_id: int) -> None:
-        with self.session() as session:
-            relationships.end_relationship(
-                session,
-                relationship_id,
-                date.today() - timedelta(days=1),
-                "test",
-                _now(),
-                UTC_ZONE,
-            )
-
-    def consent(self, mrn: str, email_address: str, **terms: object) -> int:
-        with self.session() as session:
-            (view,) = consents.grant_many(
-                session,
-                [ConsentTerms(patient=mrn, email=email_address, **terms)],  # type: ignore[arg-type]
-                "test",
-                _now(),
-                UTC_ZONE,
-            )
-            return view.id
-
-    def revoke(self, consent_id: int) -> None:
-        with self.session() as session:
-            consents.revoke(session, consent_id, "test", "test", _now(), UTC_ZONE)
-
-    def audit(self) -> list[AuditEvent]:
-        with self.session() as session:
-            return list(session.exec(select(AuditEvent).order_by(AuditEvent.seq)).all())
-
-    def queue(self) -> list[QueueRecipient]:
-        with self.session() as session:
-            return list(session.exec(select(QueueRecipient)).all())
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-@pytest.fixture
-def practice_gateway(
-    sink: Sink,
-    ca_file: Path,
-    make_settings: Callable[..., Settings],
-    start_gateway: Callable[[Settings], GatewayThread],
-) -> Callable[..., tuple[GatewayThread, Practice]]:
-    def start(**overrides: object) -> tuple[GatewayThread, Practice]:
-        settings = make_settings(
-            delivery=f"smtp://127.0.0.1:{sink.port}",
-            delivery_ca_file=ca_file,
-            timezone="UTC",
-            **overrides,
-        )
-        running = start_gateway(settings)
-        practice = Practice(settings)
-        with practice.session() as session:
-            for name in ("drjones", "nurse"):
-                role = "staff" if name == "nurse" else "clinician"
-                add_user(session, name, [f"{name}@{DOMAIN}"], role, PASSWORD, "test", _now())
-        # Anna: Dr Smith's patient, consented for TLS delivery (the sink offers verified TLS).
-        practice.patient("Anna Muster", "anna@example.org", "A-1")
-        practice.relate("A-1", "drsmith")
-        practice.consent("A-1", "anna@example.org", delivery="tls")
-        # Bob: another consented patient of Dr Smith's.
-        practice.patient("Bob Beispiel", "bob@example.org", "B-2")
-        practice.relate("B-2", "drsmith")
-        practice.consent("B-2", "bob@example.org", delivery="tls")
-        return running, practice
-
-    return start
 
 
 def _message(to: str, cc: str = "") -> bytes:
@@ -344,14 +233,23 @@ def test_consent_without_a_secure_channel_is_held(
     practice.relate("E-5", "drsmith")
     practice.consent("E-5", "eve@example.org")  # encrypted, and no certificate on file
     client = running.logged_in("drsmith", PASSWORD)
-    assert client.sendmail(SENDER, ["eve@example.org"], _message("eve@example.org")) == {}
+    client.mail(SENDER)
+    client.rcpt("eve@example.org")
+    code, reply = client.data(_message("eve@example.org"))
     client.quit()
-    (row,) = practice.queue()
-    assert (row.state, row.reason) == ("quarantined", "NO_SECURE_CHANNEL")
+    assert code == 250 and b"1 recipient(s) held for review" in reply
+    held = [r for r in practice.queue() if r.address == "eve@example.org"]
+    assert [(r.state, r.reason) for r in held] == [("quarantined", "NO_SECURE_CHANNEL")]
     assert [e.reason for e in practice.audit() if e.action == "message.quarantined"] == [
         "NO_SECURE_CHANNEL"
     ]
-    assert sink.received == []
+    # Only the sender hears of it: a notice from the null sender that quotes
+    # neither the subject nor the body of the held message.
+    (notice,) = sink.wait_for(1)
+    assert (notice.mail_from, notice.rcpt_tos) == ("<>", (SENDER,))
+    assert b"Action: delayed" in notice.content and b"<eve@example.org>" in notice.content
+    assert b"no secure way to deliver" in notice.content
+    assert b"your results" not in notice.content.lower()
 
 
 def test_staff_send_on_behalf_unless_the_practice_refuses(
@@ -516,4 +414,5 @@ def test_the_privacy_officer_sees_what_is_held_and_opening_it_is_audited(
     assert missing.stderr.strip() == (
         "cgw: error: no held message 'NOSUCH' (see: cgw quarantine list)"
     )
-    assert sink.received == []
+    # Nothing left but the notice to the sender.
+    assert [r.rcpt_tos for r in sink.wait_for(1)] == [(SENDER,)]

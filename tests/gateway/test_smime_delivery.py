@@ -15,7 +15,8 @@ from consent_registry import certificates
 from gateway.settings import Settings
 from tests.conftest import DOMAIN, PASSWORD
 from tests.gateway.test_durability import _wait
-from tests.gateway.test_policy_enforcement import SENDER, Practice, _now
+from tests.practice import SENDER, Practice
+from tests.practice import now as _now
 from tests.runner import GatewayThread
 from tests.sink import Sink
 from tests.smime_pki import SmimeCA

@@ -1,0 +1,102 @@
+"""Reports to senders, queued in the same transaction as the event they report.
+
+A report (a bounce or a held notice, see ``bounce``) is a message of its own,
+from the null sender, in the queue like any other. Its sealed file goes into
+the spool first, through the caller's ``SpoolBatch``; its queue row and audit
+entry commit together with what it reports. A crash can therefore neither
+lose the report of a failure nor send a report about something that never
+happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlmodel import Session
+
+from gateway.audit import AuditAction, AuditEntry, AuditLog
+from gateway.bounce import FailedRecipient, build_dsn, build_held_notice
+from gateway.queue import QueuedRecipient, QueueStore, new_message_id
+from gateway.spool import SpoolBatch
+
+
+@dataclass(frozen=True)
+class Report:
+    """A report sealed in the spool, waiting for its queue row."""
+
+    report_id: str
+    recipient: str  # the sender of the message reported on
+    about: str  # the queue id of that message, or "-" when it was never queued
+    action: AuditAction
+    size: int
+
+
+class Reports:
+    def __init__(self, audit: AuditLog, hostname: str) -> None:
+        self.audit = audit
+        self.hostname = hostname
+
+    def bounce(
+        self,
+        batch: SpoolBatch,
+        sender: str,
+        original: bytes,
+        failed: Sequence[FailedRecipient],
+        about: str,
+        now: datetime,
+    ) -> Report:
+        """Recipients that will never get the message."""
+        content = build_dsn(self.hostname, sender, original, failed, now, about)
+        return self._store(batch, sender, content, about, AuditAction.MESSAGE_BOUNCED, now)
+
+    def held_notice(
+        self,
+        batch: SpoolBatch,
+        sender: str,
+        original: bytes,
+        held: Sequence[FailedRecipient],
+        about: str,
+        now: datetime,
+    ) -> Report:
+        """Recipients whose copy waits in the quarantine."""
+        content = build_held_notice(self.hostname, sender, original, held, now, about)
+        return self._store(batch, sender, content, about, AuditAction.SENDER_NOTIFIED, now)
+
+    @staticmethod
+    def _store(
+        batch: SpoolBatch,
+        sender: str,
+        content: bytes,
+        about: str,
+        action: AuditAction,
+        now: datetime,
+    ) -> Report:
+        report_id = new_message_id(now)
+        batch.store(report_id, content)
+        return Report(report_id, sender, about, action, len(content))
+
+    def enqueue(self, session: Session, report: Report, now: datetime) -> None:
+        """The report's queue row and audit entry, in the caller's transaction."""
+        QueueStore.enqueue(
+            session,
+            report.report_id,
+            "",
+            None,
+            report.size,
+            [QueuedRecipient(report.recipient)],
+            now,
+            is_bounce=True,
+        )
+        self.audit.record(
+            session,
+            AuditEntry(
+                action=report.action,
+                actor="gateway",
+                message_id=report.about,
+                recipient=report.recipient,
+                detail=f"delivery status notification {report.report_id}",
+            ),
+            now,
+        )
