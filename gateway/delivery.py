@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from sqlmodel import Session
@@ -119,8 +120,8 @@ class DeliveryWorker:
         content = b""
         try:
             content = await asyncio.to_thread(self.spool.load, message.message_id)
-            results.update(await self._no_longer_allowed(message))
-            sendable = [r for r in message.recipients if r.address not in results]
+            rechecked, sendable = await self._recheck(message)
+            results.update(rechecked)
             for protection, group in _by_protection(sendable).items():
                 results.update(await self._send(message, protection, group, content))
         except Exception as exc:
@@ -151,7 +152,11 @@ class DeliveryWorker:
     def _record(
         self, message: ClaimedMessage, results: dict[str, RecipientResult], content: bytes
     ) -> bool:
-        """Record the results, and queue the bounce for failures in the same transaction."""
+        """Record the results, and queue what the sender is owed in the same transaction.
+
+        A bounce for recipients that failed for good, a notice for recipients
+        put back in the quarantine.
+        """
         now = self.clock()
         settled = settle(message, results, now, self.retry.lifetime)
         failed = [
@@ -159,30 +164,67 @@ class DeliveryWorker:
             for address, result in settled.items()
             if result.verdict is Verdict.FAILED
         ]
+        held = [(a, r.reply) for a, r in settled.items() if r.verdict is Verdict.HELD]
         with self.spool.batch() as batch:
-            report: Report | None = None
-            if failed and not message.is_bounce and message.mail_from:
-                report = self.reports.bounce(
-                    batch, message.mail_from, content, failed, message.message_id, now
-                )
+            reports: list[Report] = []
+            if not message.is_bounce and message.mail_from:
+                if failed:
+                    reports.append(
+                        self.reports.bounce(
+                            batch, message.mail_from, content, failed, message.message_id, now
+                        )
+                    )
+                if held:
+                    reports.append(
+                        self.reports.held_notice(
+                            batch, message.mail_from, content, held, message.message_id, now
+                        )
+                    )
 
-            def queue_report(session: Session) -> None:
-                if report is not None:
+            def queue_reports(session: Session) -> None:
+                for report in reports:
                     self.reports.enqueue(session, report, now)
 
-            return self.queue.finish(message, settled, now, self.retry, queue_report)
+            return self.queue.finish(message, settled, now, self.retry, queue_reports)
 
-    async def _no_longer_allowed(self, message: ClaimedMessage) -> dict[str, RecipientResult]:
-        """Patient recipients the policy now refuses: they fail, and the sender is told."""
+    async def _recheck(
+        self, message: ClaimedMessage
+    ) -> tuple[dict[str, RecipientResult], list[ClaimedRecipient]]:
+        """Patient recipients decided again, as the registry stands now.
+
+        Refused ones fail (the sender gets a bounce); ones without a secure
+        channel any more (say, the certificate expired) go back to the
+        quarantine (the sender gets a notice); the rest go out with the
+        protection decided now. Returns those results and who may be sent to.
+        """
         patients = [r.address for r in message.recipients if r.patient_id is not None]
-        if not patients:
-            return {}
-        now = await asyncio.to_thread(self.gate.recheck, message.username, patients)
-        return {
-            address: RecipientResult(Verdict.FAILED, replies.decision(decision, address))
-            for address, decision in now.items()
-            if decision.outcome is Outcome.DENY
-        }
+        decided = (
+            await asyncio.to_thread(self.gate.recheck, message.username, patients)
+            if patients
+            else {}
+        )
+        results: dict[str, RecipientResult] = {}
+        sendable: list[ClaimedRecipient] = []
+        for rcpt in message.recipients:
+            decision = decided.get(rcpt.address)
+            if decision is None:
+                sendable.append(rcpt)
+            elif decision.outcome is Outcome.DENY:
+                reply = replies.decision(decision, rcpt.address)
+                results[rcpt.address] = RecipientResult(Verdict.FAILED, reply)
+            elif decision.outcome is Outcome.QUARANTINE:
+                results[rcpt.address] = RecipientResult(
+                    Verdict.HELD, decision.sentence, decision.reason.value
+                )
+            else:
+                sendable.append(
+                    replace(
+                        rcpt,
+                        protection=decision.protection.value,
+                        certificate_id=decision.certificate_id,
+                    )
+                )
+        return results, sendable
 
     async def _send(
         self,

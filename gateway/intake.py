@@ -33,9 +33,6 @@ from policies.facts import SenderFacts
 
 log = logging.getLogger(__name__)
 
-# A held recipient in the sender's notice: not delivered yet, for a security reason.
-HELD_STATUS = "4.7.0"
-
 
 class StorageFullError(Exception):
     """No room to store the message: the client should try again later."""
@@ -114,11 +111,7 @@ class Intake:
             for a, d in decided
             if d.outcome is Outcome.DENY
         ]
-        held = [
-            FailedRecipient(a, HELD_STATUS, d.sentence)
-            for a, d in decided
-            if d.outcome is Outcome.QUARANTINE
-        ]
+        held = [(a, d.sentence) for a, d in decided if d.outcome is Outcome.QUARANTINE]
         about = message_id if kept else "-"
         try:
             with self.spool.batch() as batch:

@@ -53,12 +53,14 @@ class Verdict(enum.StrEnum):
     DELIVERED = "delivered"
     DEFERRED = "deferred"
     FAILED = "failed"
+    HELD = "held"  # not sent: the policy now holds it (back to the quarantine)
 
 
 @dataclass(frozen=True)
 class RecipientResult:
     verdict: Verdict
     reply: str
+    reason: str | None = None  # the policy's reason code, when the policy decided it
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,10 @@ class QueueStore:
         elif verdict is Verdict.DELIVERED:
             row.state = RecipientState.DELIVERED.value
             action = AuditAction.MESSAGE_DELIVERED
+        elif verdict is Verdict.HELD:
+            row.state = RecipientState.QUARANTINED.value
+            row.reason = result.reason
+            action = AuditAction.MESSAGE_QUARANTINED
         else:
             row.state = RecipientState.FAILED.value
             action = AuditAction.MESSAGE_FAILED
@@ -326,6 +332,7 @@ class QueueStore:
                 queue_id=row.id,
                 patient_id=row.patient_id,
                 recipient=row.address,
+                reason=result.reason,
                 detail=reply,
             ),
             now,

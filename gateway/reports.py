@@ -21,6 +21,9 @@ from gateway.bounce import FailedRecipient, build_dsn, build_held_notice
 from gateway.queue import QueuedRecipient, QueueStore, new_message_id
 from gateway.spool import SpoolBatch
 
+# A held recipient in a notice: not delivered yet, for a security reason (RFC 3463).
+HELD_STATUS = "4.7.0"
+
 
 @dataclass(frozen=True)
 class Report:
@@ -56,12 +59,13 @@ class Reports:
         batch: SpoolBatch,
         sender: str,
         original: bytes,
-        held: Sequence[FailedRecipient],
+        held: Sequence[tuple[str, str]],
         about: str,
         now: datetime,
     ) -> Report:
-        """Recipients whose copy waits in the quarantine."""
-        content = build_held_notice(self.hostname, sender, original, held, now, about)
+        """Recipients whose copy waits in the quarantine: (address, why) each."""
+        recipients = [FailedRecipient(address, HELD_STATUS, why) for address, why in held]
+        content = build_held_notice(self.hostname, sender, original, recipients, now, about)
         return self._store(batch, sender, content, about, AuditAction.SENDER_NOTIFIED, now)
 
     @staticmethod

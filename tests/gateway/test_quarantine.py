@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 
 from consent_registry import certificates
 from consent_registry.db import make_engine, session_scope
-from consent_registry.models import QueueMessage
+from consent_registry.models import Consent, QueueMessage
 from gateway.app import initialise
 from gateway.audit import audit_log
 from gateway.crypto_at_rest import storage_key
@@ -349,3 +349,30 @@ def test_two_admins_at_once_one_wins(make_settings: Callable[..., Settings], sec
         count, broken = quarantine.audit.verify(session)
     assert broken is None and count > 0
     quarantine.engine.dispose()
+
+
+def test_a_secure_channel_lost_while_the_message_waits_puts_it_back_on_hold(
+    practice_gateway: StartPractice, sink: Sink
+) -> None:
+    sink.handler.data_replies.append("451 4.3.0 try again later")
+    running, practice = practice_gateway(retry_backoff="1h", retry_backoff_max="2h")
+    _send(running, "anna@example.org")  # consented for TLS: queued, then deferred once
+    _wait(lambda: practice.queue()[0].state == "deferred", "the first attempt to be deferred")
+    # The patient withdraws the TLS consent and signs one that asks for encryption.
+    with practice.session() as session:
+        tls_consent = session.exec(
+            select(Consent.id).where(Consent.address_key == "anna@example.org")
+        ).one()
+    practice.revoke(tls_consent)
+    practice.consent("A-1", "anna@example.org")
+    message_id = practice.queue()[0].message_id
+    engine = make_engine(running.settings.database_url)
+    QueueStore(engine, "test", timedelta(0)).retry_now(message_id, _now())
+    engine.dispose()
+    running.wake()
+    (notice,) = _reports(sink, 1, b"Action: delayed")  # nothing went to Anna
+    assert notice.rcpt_tos == (SENDER,) and b"<anna@example.org>" in notice.content
+    assert [r.rcpt_tos for r in sink.received] == [(SENDER,)]
+    (row,) = [r for r in practice.queue() if r.address == "anna@example.org"]
+    assert (row.state, row.reason) == ("quarantined", "NO_SECURE_CHANNEL")
+    assert ("message.quarantined", "gateway", "NO_SECURE_CHANNEL") in _actions(practice, message_id)
