@@ -127,6 +127,7 @@ class Gateway:
         self.settings = settings
         self.listeners: list[Listener] = []
         self._servers: list[asyncio.Server] = []
+        self._limiters: list[ConnectionLimiter] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._engine: Engine | None = None
         self.worker: DeliveryWorker | None = None
@@ -203,6 +204,7 @@ class Gateway:
     ) -> None:
         settings = self.settings
         limiter = ConnectionLimiter(settings.max_connections_per_client)
+        self._limiters.append(limiter)
         loop = asyncio.get_running_loop()
 
         def protocol() -> SubmissionProtocol:
@@ -245,8 +247,14 @@ class Gateway:
             self.sweep.wake()
 
     async def stop(self) -> None:
+        """Stop accepting, let sessions finish their transactions (up to
+        ``CGW_SHUTDOWN_GRACE``), then finish the deliveries in flight."""
         for server in self._servers:
             server.close()
+        grace = self.settings.shutdown_grace.total_seconds()
+        cut = await asyncio.gather(*(limiter.drain(grace) for limiter in self._limiters))
+        if sum(cut):
+            log.warning("%d SMTP sessions were cut off after the shutdown grace period", sum(cut))
         for server in self._servers:
             await server.wait_closed()
         for task in self._tasks:

@@ -63,6 +63,10 @@ def session_timeout(hostname: str) -> str:
     return f"421 4.4.2 {hostname} Error: session time limit exceeded"
 
 
+def shutting_down(hostname: str) -> str:
+    return f"421 4.3.2 {hostname} Service shutting down; please try again later"
+
+
 def too_many_connections(hostname: str) -> str:
     return f"421 4.7.0 {hostname} Too many connections from your address"
 

@@ -227,6 +227,7 @@ class Settings(BaseSettings):
     ] = ()
     mx_port: int = Field(default=25, gt=0, le=65535)
     quarantine_retention: Duration = timedelta(days=30)
+    shutdown_grace: Duration = timedelta(seconds=30)
 
     @field_validator("hostname", "instance_name")
     @classmethod

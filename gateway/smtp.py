@@ -42,22 +42,43 @@ log = logging.getLogger(__name__)
 
 
 class ConnectionLimiter:
-    """Open connections per client address, capped."""
+    """Open connections per client address, capped; and the sessions themselves,
+    so that a shutdown can let each finish its transaction."""
 
     def __init__(self, per_client: int) -> None:
         self.per_client = per_client
         self.open: Counter[str] = Counter()
+        self.sessions: set[SubmissionProtocol] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
 
-    def acquire(self, client: str) -> bool:
+    def acquire(self, client: str, session: SubmissionProtocol) -> bool:
         if self.open[client] >= self.per_client:
             return False
         self.open[client] += 1
+        self.sessions.add(session)
+        self._empty.clear()
         return True
 
-    def release(self, client: str) -> None:
+    def release(self, client: str, session: SubmissionProtocol) -> None:
         self.open[client] -= 1
         if self.open[client] <= 0:
             del self.open[client]
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._empty.set()
+
+    async def drain(self, grace: float) -> int:
+        """Stop every session once its transaction is done; after ``grace``
+        seconds, stop the rest. Returns how many had to be cut off."""
+        for session in list(self.sessions):
+            session.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._empty.wait(), grace)
+        remaining = list(self.sessions)
+        for session in remaining:
+            session.close_with(replies.shutting_down(session.hostname))
+        return len(remaining)
 
 
 class SubmissionEnvelope(Envelope):
@@ -85,6 +106,7 @@ class SubmissionProtocol(SMTP):
         self._rejected = False
         self._deadline: asyncio.TimerHandle | None = None
         self._in_ehlo = False
+        self._draining = False
 
     def _create_envelope(self) -> Envelope:
         return SubmissionEnvelope()
@@ -101,7 +123,7 @@ class SubmissionProtocol(SMTP):
             return
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if peer else "unknown"
-        if not self._limiter.acquire(client):
+        if not self._limiter.acquire(client, self):
             self._rejected = True
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(replies.too_many_connections(self.hostname).encode() + b"\r\n")
@@ -110,18 +132,26 @@ class SubmissionProtocol(SMTP):
         self._client = client
         super().connection_made(transport)
         self._deadline = self.loop.call_later(
-            self._session_timeout, self._close_with, replies.session_timeout(self.hostname)
+            self._session_timeout, self.close_with, replies.session_timeout(self.hostname)
         )
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._rejected:
             return
+        self._finished()
+        super().connection_lost(error)
+
+    def _finished(self) -> None:
+        """The session is over for the gateway (once, at close or at connection loss).
+
+        Not only at connection loss: closing a TLS connection waits for the
+        client's close_notify, which a client may never send.
+        """
         if self._client is not None:
-            self._limiter.release(self._client)
+            self._limiter.release(self._client, self)
             self._client = None
         if self._deadline is not None:
             self._deadline.cancel()
-        super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
         if self._rejected:
@@ -129,15 +159,28 @@ class SubmissionProtocol(SMTP):
         return super().eof_received()
 
     def _timeout_cb(self) -> None:
-        self._close_with(replies.idle_timeout(self.hostname))
+        self.close_with(replies.idle_timeout(self.hostname))
 
-    def _close_with(self, reply: str) -> None:
+    def drain(self) -> None:
+        """The gateway is stopping: a session between transactions is told so
+        and closed now; one inside a transaction finishes it first (see push)."""
+        self._draining = True
+        if not self._in_transaction():
+            self.close_with(replies.shutting_down(self.hostname))
+
+    def _in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def close_with(self, reply: str) -> None:
         """Say why before closing: aiosmtpd alone would just hang up."""
         if self.transport is None:
             return
-        with contextlib.suppress(RuntimeError, OSError):
-            self._writer.write(reply.encode() + b"\r\n")
-        self.transport.close()
+        if not self.transport.is_closing():
+            # AttributeError: asyncio's TLS transport after its protocol went away.
+            with contextlib.suppress(RuntimeError, OSError, AttributeError):
+                self._writer.write(reply.encode() + b"\r\n")
+            self.transport.close()
+        self._finished()
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
@@ -150,6 +193,8 @@ class SubmissionProtocol(SMTP):
         if isinstance(status, str) and not self._in_ehlo:
             status = replies.enhance(status)
         await super().push(status)
+        if self._draining and not self._in_ehlo and not self._in_transaction():
+            self.close_with(replies.shutting_down(self.hostname))
 
 
 @dataclass
