@@ -134,11 +134,19 @@ class DeliveryWorker:
             results.setdefault(
                 rcpt.address, RecipientResult(Verdict.DEFERRED, "no answer for recipient")
             )
+            result = results[rcpt.address]
             log.info(
                 "%s to=<%s> %s: %s",
                 message.message_id,
                 rcpt.address,
-                *_summary(results[rcpt.address]),
+                result.verdict.value,
+                result.reply,
+                extra={
+                    "event": "delivery",
+                    "queue_id": message.message_id,
+                    "recipient": rcpt.address,
+                    "verdict": result.verdict.value,
+                },
             )
         try:
             complete = await asyncio.to_thread(self._record, message, results, content)
@@ -271,7 +279,3 @@ def _status_of(reply: str) -> str:
     if len(words) > 1 and words[1][:2] in ("4.", "5.") and words[1].count(".") == 2:
         return "5" + words[1][1:]
     return "5.0.0"
-
-
-def _summary(result: RecipientResult) -> tuple[str, str]:
-    return result.verdict.value, result.reply

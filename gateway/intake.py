@@ -76,6 +76,19 @@ class Intake:
         kept = await asyncio.to_thread(
             self._store, sender, message_id, mail_from, decided, stamped, now
         )
+        held = sum(d.outcome is Outcome.QUARANTINE for _, d in decided)
+        refused = sum(d.outcome is Outcome.DENY for _, d in decided)
+        log.info(
+            "%s from=<%s> user=%s size=%d recipients=%d held=%d refused=%d",
+            message_id if kept else "-",
+            mail_from,
+            sender.username,
+            len(stamped),
+            len(decided),
+            held,
+            refused,
+            extra={"event": "accepted", "queue_id": message_id if kept else None},
+        )
         self.on_accepted()
         return message_id if kept else None
 

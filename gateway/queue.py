@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, func, update
 from sqlmodel import Session, col, select
 
 from consent_registry.db import session_scope
@@ -131,6 +131,17 @@ def settle(
         else result
         for address, result in results.items()
     }
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """How the queue stands, for ``cgw status`` and monitoring."""
+
+    queued: int
+    deferred: int
+    held_recipients: int
+    held_messages: int
+    oldest_deferred: datetime | None  # when the longest-waiting deferred message arrived
 
 
 @dataclass(frozen=True)
@@ -399,6 +410,34 @@ class QueueStore:
                 .order_by(col(QueueMessage.received_at))
                 .limit(1)
             ).first()
+
+    def stats(self) -> QueueStats:
+        """Counts by state in one grouped query, plus the oldest deferred arrival."""
+        with Session(self.engine) as session:
+            counts = dict(
+                session.exec(
+                    select(QueueRecipient.state, func.count())
+                    .where(col(QueueRecipient.state).in_(OPEN_STATES))
+                    .group_by(col(QueueRecipient.state))
+                ).all()
+            )
+            held_messages = session.exec(
+                select(func.count(func.distinct(QueueRecipient.message_id))).where(
+                    QueueRecipient.state == RecipientState.QUARANTINED.value
+                )
+            ).one()
+            oldest = session.exec(
+                select(func.min(QueueMessage.received_at))
+                .join(QueueRecipient, col(QueueMessage.id) == QueueRecipient.message_id)
+                .where(QueueRecipient.state == RecipientState.DEFERRED.value)
+            ).one()
+        return QueueStats(
+            queued=counts.get(RecipientState.QUEUED.value, 0),
+            deferred=counts.get(RecipientState.DEFERRED.value, 0),
+            held_recipients=counts.get(RecipientState.QUARANTINED.value, 0),
+            held_messages=held_messages,
+            oldest_deferred=oldest,
+        )
 
     def open_message_ids(self) -> set[str]:
         """Messages not yet complete: their spool files must be kept."""

@@ -17,6 +17,7 @@ from gateway.cli.quarantine import quarantine
 from gateway.cli.queue import queue
 from gateway.cli.relationship import relationship
 from gateway.cli.serve import config, init, serve
+from gateway.cli.status import status
 from gateway.cli.user import user
 
 
@@ -29,6 +30,7 @@ def cli() -> None:
 cli.add_command(init)
 cli.add_command(serve)
 cli.add_command(config)
+cli.add_command(status)
 cli.add_command(user)
 cli.add_command(patient)
 cli.add_command(relationship)

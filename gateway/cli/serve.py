@@ -11,9 +11,13 @@ from typing import TYPE_CHECKING
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway import logs
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
+from gateway.logs import LogFormat
 from gateway.settings import ListenAddress, Settings, masked_settings
+
+log = logging.getLogger("gateway")
 
 if TYPE_CHECKING:
     from gateway.app import Listener
@@ -66,14 +70,19 @@ def init() -> None:
 
 @click.command()
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info")
-def serve(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line on stdout (for Docker and log shippers).",
+)
+def serve(log_level: str, log_format: LogFormat) -> None:
     """Run the gateway: submission, delivery and retries."""
     config = context.settings()
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(log_level, log_format)
     try:
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, log_format))
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None
     except SQLAlchemyError as exc:
@@ -82,7 +91,7 @@ def serve(log_level: str) -> None:
         raise CliError(f"cannot start: {exc}") from None
 
 
-async def _serve(config: Settings) -> None:
+async def _serve(config: Settings, log_format: LogFormat) -> None:
     from gateway.app import Gateway
 
     gateway = Gateway(config)
@@ -91,19 +100,32 @@ async def _serve(config: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    click.echo("Consent Gateway is running.")
-    for listener in gateway.listeners:
-        click.echo(f"  listening on {listener.address}  {listener.label}")
     delivery = config.delivery.describe()
     if config.delivery.kind == "outbox":
         delivery += f" ({config.outbox_dir})"
-    click.echo(f"  delivering to {delivery}")
-    click.echo(f"  practice domains: {', '.join(sorted(config.practice_domains)) or '(none set)'}")
-    click.echo(client_instructions(config, gateway.listeners))
-    click.echo("Stop with Ctrl-C.", nl=True)
+    if log_format == "json":
+        log.info(
+            "Consent Gateway is running.",
+            extra={
+                "event": "started",
+                "listening": {str(li.address): li.label for li in gateway.listeners},
+                "delivery": delivery,
+                "instance": config.instance_name,
+            },
+        )
+    else:
+        click.echo("Consent Gateway is running.")
+        for listener in gateway.listeners:
+            click.echo(f"  listening on {listener.address}  {listener.label}")
+        click.echo(f"  delivering to {delivery}")
+        domains = ", ".join(sorted(config.practice_domains)) or "(none set)"
+        click.echo(f"  practice domains: {domains}")
+        click.echo(client_instructions(config, gateway.listeners))
+        click.echo("Stop with Ctrl-C.", nl=True)
     await stop.wait()
-    click.echo("stopping ...")
+    log.info("stopping: finishing SMTP transactions and deliveries in flight")
     await gateway.stop()
+    log.info("stopped", extra={"event": "stopped"})
 
 
 @click.group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import smtplib
 import ssl
@@ -82,10 +83,10 @@ def _plaintext_hits(settings: Settings, marker: str) -> list[str]:
 class ServeProcess:
     """``cgw serve`` as a real process, the way an admin runs it."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *args: str) -> None:
         cgw = Path(sys.executable).with_name("cgw")
         self.process = subprocess.Popen(
-            [str(cgw), "serve"],
+            [str(cgw), "serve", *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -99,6 +100,11 @@ class ServeProcess:
             if "submission (STARTTLS)" in line and "listening on" in line:
                 self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
             if line.startswith("Stop with"):
+                break
+            if line.startswith("{") and json.loads(line).get("event") == "started":
+                listening = json.loads(line)["listening"]
+                (address,) = [a for a, label in listening.items() if "STARTTLS" in label]
+                self.port = int(address.rsplit(":", 1)[1])
                 break
         assert self.port, "".join(self.output)
 
