@@ -166,7 +166,10 @@ class QueueRecipient(SQLModel, table=True):
     """Per-recipient delivery state: queued, deferred, delivered, bounced."""
 
     __tablename__ = "queue_recipient"
-    __table_args__ = (Index("ix_queue_recipient_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_queue_recipient_due", "state", "next_attempt_at"),
+        Index("ix_queue_recipient_held", "state", "since"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     message_id: str = Field(foreign_key="queue_message.id", index=True, max_length=32)
@@ -178,6 +181,10 @@ class QueueRecipient(SQLModel, table=True):
     claimed_by: str | None = Field(default=None, max_length=128)
     claimed_until: datetime | None = _utc_column(nullable=True)
     updated_at: datetime = _utc_column()
+    # When this stay began: queued at submission or at a release, held at
+    # submission or again at delivery. The queue lifetime and the quarantine
+    # retention count from here, so a release is not a message already too old.
+    since: datetime = _utc_column()
     # What the policy decided at submission: delivery must honour it.
     protection: str = Field(default="none", max_length=16)
     reason: str | None = Field(default=None, max_length=48)

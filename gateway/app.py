@@ -147,7 +147,7 @@ class Gateway:
         retry = RetryPolicy(
             settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime
         )
-        reports = Reports(audit, settings.hostname)
+        reports = Reports(audit, settings.hostname, settings.quarantine_retention)
         intake = Intake(engine, spool, audit, reports, settings.hostname, self.wake)
         archive, signer = load_practice_keys(
             settings.smime_archive_cert, settings.smime_signing_cert, settings.smime_signing_key

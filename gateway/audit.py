@@ -219,16 +219,16 @@ def as_record(event: AuditEvent) -> dict[str, object]:
     return record
 
 
-def audit_key(settings: Settings) -> tuple[bytes, bool]:
+def audit_key(settings: Settings, create: bool = True) -> tuple[bytes, bool]:
     """This installation's HMAC key (``CGW_AUDIT_KEY``, else its key file) and
     whether the file was created just now."""
     configured = settings.audit_key.get_secret_value() if settings.audit_key else None
-    return load_or_create_secret(settings.keys_dir / "audit.key", configured)
+    return load_or_create_secret(settings.keys_dir / "audit.key", configured, create)
 
 
-def audit_log(settings: Settings) -> AuditLog:
-    """The audit log with this installation's HMAC key (created on first use)."""
-    return AuditLog(audit_key(settings)[0])
+def audit_log(settings: Settings, create: bool = True) -> AuditLog:
+    """The audit log with this installation's HMAC key (made on first use if ``create``)."""
+    return AuditLog(audit_key(settings, create)[0])
 
 
 def _gap(first: int, last: int) -> str:

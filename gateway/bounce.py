@@ -34,6 +34,7 @@ def build_dsn(
     failed: Sequence[FailedRecipient],
     now: datetime,
     queue_id: str,
+    arrived: datetime | None = None,
 ) -> bytes:
     lines = [
         f"This is the mail gateway at {hostname}.",
@@ -56,8 +57,10 @@ def build_dsn(
         "failed",
         failed,
         now,
+        arrived or now,
         queue_id,
         headers,
+        [],
     )
 
 
@@ -68,7 +71,9 @@ def build_held_notice(
     held: Sequence[FailedRecipient],
     now: datetime,
     queue_id: str,
+    returned_after: datetime,
 ) -> bytes:
+    """``returned_after``: when the quarantine's retention returns it unreleased."""
     date, message_id = _identity(original)
     lines = [
         f"This is the mail gateway at {hostname}.",
@@ -81,7 +86,9 @@ def build_held_notice(
         "",
         "You need not send it again. The privacy officer either releases it (for example",
         "once the patient's certificate or consent is on file), and then it is delivered,",
-        "or returns it to you with a reason. The other recipients, if any, were not affected.",
+        "or returns it to you with a reason. Unless it is released by",
+        f"{format_datetime(returned_after)}, it is returned to you then.",
+        "The other recipients, if any, were not affected.",
     ]
     return _report(
         hostname,
@@ -91,8 +98,10 @@ def build_held_notice(
         "delayed",
         held,
         now,
+        now,
         queue_id,
         None,
+        [f"Will-Retry-Until: {format_datetime(returned_after)}"],
     )
 
 
@@ -104,23 +113,28 @@ def _report(
     action: str,
     recipients: Sequence[FailedRecipient],
     now: datetime,
+    arrived: datetime,
     queue_id: str,
     headers: bytes | None,
+    per_recipient: list[str],
 ) -> bytes:
     boundary = f"=_cgw_{secrets.token_hex(12)}"
     status = [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Cgw-Queue-ID: {queue_id}",
-        f"Arrival-Date: {format_datetime(now)}",
+        f"Arrival-Date: {format_datetime(arrived)}",
         "",
     ]
+    # A held recipient's diagnostic is the policy's sentence, not a reply.
+    diagnostic_type = "smtp" if action == "failed" else "x-cgw-policy"
     for rcpt in recipients:
-        # A next hop's multi-line reply must not break the report's fields apart.
+        address_type = "rfc822" if rcpt.address.isascii() else "utf-8"
         status += [
-            f"Final-Recipient: rfc822; {rcpt.address}",
+            f"Final-Recipient: {address_type}; {rcpt.address}",
             f"Action: {action}",
             f"Status: {rcpt.status}",
-            f"Diagnostic-Code: smtp; {' '.join(rcpt.diagnostic.split())}",
+            f"Diagnostic-Code: {diagnostic_type}; {_field_text(rcpt.diagnostic)}",
+            *per_recipient,
             "",
         ]
     parts = [
@@ -132,6 +146,7 @@ def _report(
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "Content-Transfer-Encoding: 8bit",
         "",
         "This is a MIME-encapsulated delivery status notification.",
         "",
@@ -139,7 +154,7 @@ def _report(
         "Content-Type: text/plain; charset=utf-8",
         "Content-Transfer-Encoding: 8bit",
         "",
-        "\r\n".join(human),
+        "\r\n".join(_readable(line) for line in human),
         f"--{boundary}",
         "Content-Type: message/delivery-status",
         "",
@@ -153,6 +168,21 @@ def _report(
     return head + quoted + headers.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
 
 
+def _field_text(text: str) -> str:
+    """A delivery-status field value: one line of US-ASCII (RFC 3464), at most 900 octets.
+
+    Line breaks in a next hop's multi-line reply must not break the report's
+    fields apart; non-ASCII (an admin's reason in German) becomes '?'.
+    """
+    flat = " ".join(text.split())
+    return flat.encode("ascii", "replace").decode("ascii")[:900]
+
+
+def _readable(text: str) -> str:
+    """Text for the human-readable part: valid UTF-8, whatever came in."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _identity(original: bytes) -> tuple[str, str]:
     """The original's Date and Message-ID, the only header fields a held notice repeats."""
     found = {"date": "(no date)", "message-id": "(none)"}
@@ -162,7 +192,7 @@ def _identity(original: bytes) -> tuple[str, str]:
         return found["date"], found["message-id"]
     for field in fields:
         if field.name in found:
-            found[field.name] = field.value
+            found[field.name] = _field_text(field.value)[:200]
     return found["date"], found["message-id"]
 
 

@@ -94,23 +94,33 @@ def _chunk_nonce(index: int, final: bool) -> bytes:
     return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
 
 
-def storage_key(settings: Settings) -> tuple[StorageKey, bool]:
+def storage_key(settings: Settings, create: bool = True) -> tuple[StorageKey, bool]:
     """This installation's storage key (``CGW_STORAGE_KEY``, else its key file)."""
     configured = settings.storage_key.get_secret_value() if settings.storage_key else None
-    return load_or_create_key(settings.keys_dir / "storage.key", configured)
+    return load_or_create_key(settings.keys_dir / "storage.key", configured, create)
 
 
-def load_or_create_key(path: Path, configured: str | None) -> tuple[StorageKey, bool]:
+def load_or_create_key(
+    path: Path, configured: str | None, create: bool = True
+) -> tuple[StorageKey, bool]:
     """The storage key from the setting, else the key file (created once, 0600)."""
-    raw, created = load_or_create_secret(path, configured)
+    raw, created = load_or_create_secret(path, configured, create)
     return StorageKey(raw), created
 
 
-def load_or_create_secret(path: Path, configured: str | None) -> tuple[bytes, bool]:
+class MissingKey(SealError):
+    """No key where one must already exist (the admin tools never make keys)."""
+
+
+def load_or_create_secret(
+    path: Path, configured: str | None, create: bool = True
+) -> tuple[bytes, bool]:
     """32 secret bytes from a base64 setting, else from a key file created once (0600).
 
     Returns the bytes and whether a new file was created. An existing key file
-    is never replaced: what was sealed or chained with it would be lost.
+    is never replaced: what was sealed or chained with it would be lost. With
+    ``create=False`` a missing file is an error: an admin command run with the
+    wrong data directory must not start a second key (and fork the audit chain).
     """
     if configured:
         return base64.b64decode(configured), False
@@ -119,6 +129,11 @@ def load_or_create_secret(path: Path, configured: str | None) -> tuple[bytes, bo
         if len(raw) != 32:
             raise SealError(f"key file {path} is damaged ({len(raw)} bytes, not 32)")
         return raw, False
+    if not create:
+        raise MissingKey(
+            f"no key file {path}: run 'cgw init' with this CGW_DATA_DIR, or set the key "
+            "setting (every instance and admin host sharing a database needs the same keys)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     raw = secrets.token_bytes(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -179,7 +179,13 @@ class DeliveryWorker:
                 if failed:
                     reports.append(
                         self.reports.bounce(
-                            batch, message.mail_from, content, failed, message.message_id, now
+                            batch,
+                            message.mail_from,
+                            content,
+                            failed,
+                            message.message_id,
+                            now,
+                            message.received_at,
                         )
                     )
                 if held:

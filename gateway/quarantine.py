@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,8 +31,9 @@ from consent_registry.models import QueueMessage, QueueRecipient
 from gateway import replies
 from gateway.audit import AuditAction, AuditEntry, AuditLog
 from gateway.bounce import FailedRecipient
+from gateway.crypto_at_rest import SealError
 from gateway.policy_gate import PolicyGate
-from gateway.queue import QueuedRecipient, QueueRow, QueueStore
+from gateway.queue import QueuedRecipient, QueueStore
 from gateway.reports import Reports
 from gateway.settings import format_duration
 from gateway.spool import Spool
@@ -82,16 +82,9 @@ class Quarantine:
     def engine(self) -> Engine:
         return self.queue.engine
 
-    def held(self) -> dict[str, list[QueueRow]]:
-        """Held recipients by message, oldest message first."""
-        messages: dict[str, list[QueueRow]] = defaultdict(list)
-        for row in self.queue.held():
-            messages[row.message_id].append(row)
-        return dict(messages)
-
     def show(self, message_id: str, actor: str) -> bytes:
         """The held message itself, for an admin; the look is audited first."""
-        rows = self.held().get(message_id)
+        rows = self.queue.held(message_id)
         if not rows:
             raise NotHeld(message_id)
         content = self.spool.load(message_id)
@@ -110,7 +103,7 @@ class Quarantine:
 
     def release(self, message_id: str, actor: str) -> Released:
         """Queue the held recipients the policy allows now; the rest stay held."""
-        rows = self.held().get(message_id)
+        rows = self.queue.held(message_id)
         if not rows:
             raise NotHeld(message_id)
         # Decided before the rows are locked: the registry read needs no lock.
@@ -150,45 +143,65 @@ class Quarantine:
         held_for = format_duration(retention)
         expired = []
         for message_id in self.queue.held_before(self.clock() - retention):
-            with contextlib.suppress(NotHeld):  # released or rejected meanwhile
+            try:
                 self._reject(
                     message_id,
                     "gateway",
                     lambda address: replies.held_too_long(address, held_for),
                     f"held longer than {held_for} (CGW_QUARANTINE_RETENTION)",
                 )
-                expired.append(message_id)
+            except NotHeld:
+                continue  # released or rejected meanwhile
+            except Exception:
+                # One message that cannot be rejected must not keep the rest held.
+                log.exception("could not return held message %s to its sender", message_id)
+                continue
+            expired.append(message_id)
         return expired
 
     def _reject(
         self, message_id: str, actor: str, reply_for: Callable[[str], str], detail: str
     ) -> list[str]:
-        try:
-            original = self.spool.load(message_id)
-        except FileNotFoundError:
-            original = b""  # the bounce then quotes no header; the rejection still stands
+        original = self._original(message_id)
         now = self.clock()
         with self.spool.batch() as batch, session_scope(self.engine) as session:
             taken = QueueStore.take_held(session, message_id)
             if not taken:
                 raise NotHeld(message_id)
-            failed = []
-            for row in taken:
-                reply = reply_for(row.address)
-                QueueStore.reject(session, row, reply, now)
-                failed.append(FailedRecipient(row.address, reply.split()[1], reply))
-                self._audit(session, AuditAction.MESSAGE_REJECTED, actor, row, None, now, detail)
             message = session.get(QueueMessage, message_id)
             assert message is not None
+            failed = [FailedRecipient(r.address, *_code_and(reply_for(r.address))) for r in taken]
+            # The bounce is sealed before the audit head is locked: every
+            # other audited write waits for that lock, and not for an fsync.
+            report = None
             if message.mail_from and not message.is_bounce:
                 report = self.reports.bounce(
-                    batch, message.mail_from, original, failed, message_id, now
+                    batch, message.mail_from, original, failed, message_id, now, message.received_at
                 )
+            for row, rejected in zip(taken, failed, strict=True):
+                QueueStore.reject(session, row, rejected.diagnostic, now)
+                self._audit(session, AuditAction.MESSAGE_REJECTED, actor, row, None, now, detail)
+            if report is not None:
                 self.reports.enqueue(session, report, now)
             complete = QueueStore.close_if_complete(session, message_id, now)
         if complete:
-            self.spool.remove(message_id)
+            try:
+                self.spool.remove(message_id)
+            except OSError:
+                log.warning("rejected %s; its spool file stays until the next start", message_id)
         return [row.address for row in taken]
+
+    def _original(self, message_id: str) -> bytes:
+        """The held message, for the header block its bounce quotes; empty if unreadable.
+
+        A damaged or missing file must not stop the rejection: the bounce
+        then quotes no header, and the recipients are still failed.
+        """
+        try:
+            return self.spool.load(message_id)
+        except (OSError, SealError) as exc:
+            log.warning("held message %s cannot be read (%s); bouncing without it", message_id, exc)
+            return b""
 
     def _audit(
         self,
@@ -218,6 +231,11 @@ class Quarantine:
         )
 
 
+def _code_and(reply: str) -> tuple[str, str]:
+    """(enhanced status code, reply) of a reply such as '550 5.7.1 <a>: why'."""
+    return reply.split()[1], reply
+
+
 class RetentionSweep:
     """The gateway's stage that rejects holds older than the retention setting.
 
@@ -231,7 +249,10 @@ class RetentionSweep:
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
-        self._wake.set()
+        """Something was held. Only a retention shorter than the sweep's own
+        interval can expire before the sweep looks anyway."""
+        if self.retention.total_seconds() < SWEEP_SECONDS:
+            self._wake.set()
 
     async def run(self) -> None:
         while True:

@@ -94,6 +94,7 @@ class ClaimedRecipient:
     protection: str = "none"
     certificate_id: int | None = None
     patient_id: int | None = None
+    since: datetime | None = None  # when this stay in the queue began (lifetime counts from it)
 
 
 @dataclass(frozen=True)
@@ -118,19 +119,20 @@ def settle(
 ) -> dict[str, RecipientResult]:
     """The results as they will be recorded: a deferral past the queue lifetime fails.
 
-    Worked out before the transaction, so that the bounce for these failures
-    can be stored in the spool first and queued in that same transaction.
+    The lifetime counts from each recipient's ``since`` (its arrival, or its
+    release from the quarantine). Worked out before the transaction, so that
+    the bounce for these failures can be stored in the spool first and
+    queued in that same transaction.
     """
-    if not expired(claimed.received_at, now, lifetime):
-        return results
-    return {
-        address: RecipientResult(
-            Verdict.FAILED, f"queue lifetime exceeded; last error: {result.reply}"
-        )
-        if result.verdict is Verdict.DEFERRED
-        else result
-        for address, result in results.items()
-    }
+    settled = dict(results)
+    for rcpt in claimed.recipients:
+        result = settled[rcpt.address]
+        since = rcpt.since or claimed.received_at
+        if result.verdict is Verdict.DEFERRED and expired(since, now, lifetime):
+            settled[rcpt.address] = RecipientResult(
+                Verdict.FAILED, f"queue lifetime exceeded; last error: {result.reply}"
+            )
+    return settled
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class QueueStats:
     deferred: int
     held_recipients: int
     held_messages: int
-    oldest_deferred: datetime | None  # when the longest-waiting deferred message arrived
+    oldest_deferred: datetime | None  # since when the longest-waiting deferred recipient waits
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ class QueueStore:
                     state=state.value,
                     next_attempt_at=now,
                     updated_at=now,
+                    since=now,
                     protection=rcpt.protection,
                     reason=rcpt.reason,
                     patient_id=rcpt.patient_id,
@@ -245,6 +248,7 @@ class QueueStore:
                         row.protection,
                         row.certificate_id,
                         row.patient_id,
+                        row.since,
                     )
                 )
             if not by_message:
@@ -287,7 +291,15 @@ class QueueStore:
 
     @staticmethod
     def close_if_complete(session: Session, message_id: str, now: datetime) -> bool:
-        """Mark the message done when no recipient is open any more."""
+        """Mark the message done when no recipient is open any more.
+
+        The message row is locked first: two transactions closing the last
+        two open recipients of one message (a delivery and a reject) then
+        run one after the other, and the second sees the first's change.
+        """
+        message = session.exec(
+            select(QueueMessage).where(QueueMessage.id == message_id).with_for_update()
+        ).one()
         open_row = session.exec(
             select(QueueRecipient.id)
             .where(QueueRecipient.message_id == message_id)
@@ -295,8 +307,6 @@ class QueueStore:
         ).first()
         if open_row is not None:
             return False
-        message = session.get(QueueMessage, message_id)
-        assert message is not None
         message.done_at = now
         session.add(message)
         return True
@@ -328,6 +338,7 @@ class QueueStore:
         elif verdict is Verdict.HELD:
             row.state = RecipientState.QUARANTINED.value
             row.reason = result.reason
+            row.since = now
             action = AuditAction.MESSAGE_QUARANTINED
         else:
             row.state = RecipientState.FAILED.value
@@ -371,7 +382,7 @@ class QueueStore:
     ) -> None:
         """A held recipient becomes due, with what the policy decides now."""
         row.state = RecipientState.QUEUED.value
-        row.next_attempt_at = row.updated_at = now
+        row.next_attempt_at = row.updated_at = row.since = now
         row.protection = now_allowed.protection
         row.reason = now_allowed.reason
         row.patient_id = now_allowed.patient_id
@@ -387,29 +398,27 @@ class QueueStore:
         session.add(row)
 
     def held_before(self, cutoff: datetime) -> list[str]:
-        """Messages with recipients held since before ``cutoff``, oldest first."""
+        """Messages with recipients held since before ``cutoff``, longest held first."""
+        held = QueueRecipient.state == RecipientState.QUARANTINED.value
         with Session(self.engine) as session:
             return list(
                 session.exec(
-                    select(QueueMessage.id)
-                    .join(QueueRecipient, col(QueueMessage.id) == QueueRecipient.message_id)
-                    .where(QueueRecipient.state == RecipientState.QUARANTINED.value)
-                    .where(col(QueueMessage.received_at) < cutoff)
-                    .group_by(col(QueueMessage.id), col(QueueMessage.received_at))
-                    .order_by(col(QueueMessage.received_at))
+                    select(QueueRecipient.message_id)
+                    .where(held)
+                    .where(col(QueueRecipient.since) < cutoff)
+                    .group_by(col(QueueRecipient.message_id))
+                    .order_by(func.min(QueueRecipient.since))
                 ).all()
             )
 
     def oldest_held(self) -> datetime | None:
-        """When the longest-held message arrived."""
+        """When the longest current hold began."""
         with Session(self.engine) as session:
             return session.exec(
-                select(QueueMessage.received_at)
-                .join(QueueRecipient, col(QueueMessage.id) == QueueRecipient.message_id)
-                .where(QueueRecipient.state == RecipientState.QUARANTINED.value)
-                .order_by(col(QueueMessage.received_at))
-                .limit(1)
-            ).first()
+                select(func.min(QueueRecipient.since)).where(
+                    QueueRecipient.state == RecipientState.QUARANTINED.value
+                )
+            ).one()
 
     def stats(self) -> QueueStats:
         """Counts by state in one grouped query, plus the oldest deferred arrival."""
@@ -427,9 +436,9 @@ class QueueStore:
                 )
             ).one()
             oldest = session.exec(
-                select(func.min(QueueMessage.received_at))
-                .join(QueueRecipient, col(QueueMessage.id) == QueueRecipient.message_id)
-                .where(QueueRecipient.state == RecipientState.DEFERRED.value)
+                select(func.min(QueueRecipient.since)).where(
+                    QueueRecipient.state == RecipientState.DEFERRED.value
+                )
             ).one()
         return QueueStats(
             queued=counts.get(RecipientState.QUEUED.value, 0),
@@ -467,19 +476,24 @@ class QueueStore:
                 session.add(row)
             return len(rows)
 
-    def held(self) -> list[QueueRow]:
+    def held(self, message_id: str | None = None) -> list[QueueRow]:
         """Recipients held by policy (quarantined), oldest message first."""
-        return [row for row in self.pending() if row.state == RecipientState.QUARANTINED.value]
+        return self.pending((RecipientState.QUARANTINED.value,), message_id)
 
-    def pending(self) -> list[QueueRow]:
+    def pending(
+        self, states: Sequence[str] = OPEN_STATES, message_id: str | None = None
+    ) -> list[QueueRow]:
         """Every recipient not yet delivered or failed, oldest message first."""
+        query = (
+            select(QueueRecipient, QueueMessage)
+            .join(QueueMessage, col(QueueMessage.id) == QueueRecipient.message_id)
+            .where(col(QueueRecipient.state).in_(states))
+            .order_by(col(QueueMessage.received_at), col(QueueRecipient.id))
+        )
+        if message_id is not None:
+            query = query.where(QueueRecipient.message_id == message_id)
         with Session(self.engine) as session:
-            rows = session.exec(
-                select(QueueRecipient, QueueMessage)
-                .join(QueueMessage, col(QueueMessage.id) == QueueRecipient.message_id)
-                .where(col(QueueRecipient.state).in_(OPEN_STATES))
-                .order_by(col(QueueMessage.received_at), col(QueueRecipient.id))
-            ).all()
+            rows = session.exec(query).all()
             return [
                 QueueRow(
                     message_id=m.id,

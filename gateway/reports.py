@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlmodel import Session
 
@@ -37,9 +37,11 @@ class Report:
 
 
 class Reports:
-    def __init__(self, audit: AuditLog, hostname: str) -> None:
+    def __init__(self, audit: AuditLog, hostname: str, retention: timedelta) -> None:
+        """``retention``: how long the quarantine holds (the notice says when it returns)."""
         self.audit = audit
         self.hostname = hostname
+        self.retention = retention
 
     def bounce(
         self,
@@ -49,9 +51,10 @@ class Reports:
         failed: Sequence[FailedRecipient],
         about: str,
         now: datetime,
+        arrived: datetime | None = None,
     ) -> Report:
-        """Recipients that will never get the message."""
-        content = build_dsn(self.hostname, sender, original, failed, now, about)
+        """Recipients that will never get the message (which arrived at ``arrived``)."""
+        content = build_dsn(self.hostname, sender, original, failed, now, about, arrived)
         return self._store(batch, sender, content, about, AuditAction.MESSAGE_BOUNCED, now)
 
     def held_notice(
@@ -65,7 +68,9 @@ class Reports:
     ) -> Report:
         """Recipients whose copy waits in the quarantine: (address, why) each."""
         recipients = [FailedRecipient(address, HELD_STATUS, why) for address, why in held]
-        content = build_held_notice(self.hostname, sender, original, recipients, now, about)
+        content = build_held_notice(
+            self.hostname, sender, original, recipients, now, about, now + self.retention
+        )
         return self._store(batch, sender, content, about, AuditAction.SENDER_NOTIFIED, now)
 
     @staticmethod

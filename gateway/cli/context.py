@@ -16,6 +16,7 @@ from consent_registry.db import make_engine, schema_is_current, session_scope
 from consent_registry.errors import RegistryError
 from gateway.audit import AuditLog, audit_log
 from gateway.cli.output import CliError
+from gateway.crypto_at_rest import SealError, StorageKey, storage_key
 from gateway.settings import Settings, SettingsError, load_settings
 from policies.status import practice_day
 
@@ -35,8 +36,19 @@ def default_actor() -> str:
 
 
 def audit(config: Settings) -> AuditLog:
-    """The audit log, keyed for this installation."""
-    return audit_log(config)
+    """The audit log, keyed for this installation (never a new key: see ``cgw init``)."""
+    try:
+        return audit_log(config, create=False)
+    except (SealError, OSError) as exc:
+        raise CliError(f"audit key: {exc}") from None
+
+
+def storage(config: Settings) -> StorageKey:
+    """The key that opens the spool (never a new one)."""
+    try:
+        return storage_key(config, create=False)[0]
+    except (SealError, OSError) as exc:
+        raise CliError(f"storage key: {exc}") from None
 
 
 def now() -> datetime:

@@ -7,17 +7,20 @@ now allows; ``reject`` returns the message to its sender in one bounce.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from gateway.cli.queue import queue_store
-from gateway.crypto_at_rest import SealError, storage_key
+from gateway.crypto_at_rest import SealError
 from gateway.policy_gate import PolicyGate
 from gateway.quarantine import NotHeld, Quarantine
+from gateway.queue import QueueRow
 from gateway.reports import Reports
 from gateway.spool import Spool
 
@@ -26,22 +29,26 @@ from gateway.spool import Spool
 def _quarantine() -> Iterator[Quarantine]:
     config = context.settings()
     with context.registry(config) as engine:
-        key, _ = storage_key(config)
         audit = context.audit(config)
+        quarantine = Quarantine(
+            queue_store(engine),
+            Spool(config.spool_dir, context.storage(config)),
+            audit,
+            Reports(audit, config.hostname, config.quarantine_retention),
+            PolicyGate(engine, config.policy()),
+        )
         try:
-            yield Quarantine(
-                queue_store(engine),
-                Spool(config.spool_dir, key),
-                audit,
-                Reports(audit, config.hostname),
-                PolicyGate(engine, config.policy()),
-            )
+            yield quarantine
         except NotHeld as exc:
             raise CliError(str(exc)) from None
-        except FileNotFoundError as exc:
-            raise CliError(f"the held message's sealed file is missing: {exc.filename}") from None
         except SealError as exc:
             raise CliError(f"the held message cannot be opened: {exc}") from None
+        except OSError as exc:
+            raise CliError(f"the held message's file: {exc}") from None
+        except SQLAlchemyError as exc:
+            cause = getattr(exc, "orig", None) or exc
+            first_line = (str(cause).splitlines() or [""])[0]
+            raise CliError(f"database error: {first_line}") from None
 
 
 @click.group()
@@ -53,8 +60,11 @@ def quarantine() -> None:
 @context.json_option
 def list_(as_json: bool) -> None:
     """Held messages: when, from whom, to whom, and why."""
-    with _quarantine() as held_messages:
-        messages = held_messages.held()
+    config = context.settings()
+    with context.registry(config) as engine:  # needs no keys: it shows no content
+        messages: dict[str, list[QueueRow]] = defaultdict(list)
+        for row in queue_store(engine).held():
+            messages[row.message_id].append(row)
     if as_json:
         print_json(
             [

@@ -22,6 +22,8 @@ from sqlmodel import Session, select
 from consent_registry.db import make_engine, migrate, session_scope
 from consent_registry.models import AuditEvent, Consent
 from consent_registry.users import add_user
+from gateway.audit import audit_key
+from gateway.settings import Settings
 
 CGW = str(Path(sys.executable).with_name("cgw"))
 PASSWORD = "a long enough password"
@@ -30,6 +32,8 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def _runner(tmp_path: Path, database_url: str, data: str = "data") -> Run:
+    # The audit key, as 'cgw init' makes it: admin commands never make keys.
+    audit_key(Settings(data_dir=tmp_path / data, database_url=database_url))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
     env.update(
         CGW_DATA_DIR=str(tmp_path / data),

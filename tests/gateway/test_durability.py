@@ -159,7 +159,8 @@ def test_sigkill_after_250_then_restart_delivers_exactly_once(
         _wait(lambda: _message_done(settings, message_id), "the queue to record the delivery")
         assert MARKER.encode() in received.content
         assert len(sink.received) == 1
-        assert list(settings.spool_dir.glob("*.msg")) == []
+        # The file goes right after the commit that completes the message.
+        _wait(lambda: list(settings.spool_dir.glob("*.msg")) == [], "the spool file to go")
         assert "Configure your mail client" in "".join(second.output)
         assert second.stop() == 0
     finally:

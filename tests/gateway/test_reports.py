@@ -15,7 +15,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage, Message
 from pathlib import Path
 
@@ -56,6 +56,7 @@ DSN_FIELDS = {
     "final-recipient",
     "action",
     "status",
+    "will-retry-until",
     "diagnostic-code",
 }
 FIELD_LINE = re.compile(rb"^[A-Za-z0-9-]+: ?\S")
@@ -150,9 +151,10 @@ def _recipient_blocks(report: bytes) -> dict[str, Message]:
     assert per_message["Final-Recipient"] is None
     found: dict[str, Message] = {}
     for block in per_recipient:
-        assert sorted(k.lower() for k in block) == sorted(
-            ["final-recipient", "action", "status", "diagnostic-code"]
-        ), block.items()
+        fields = ["final-recipient", "action", "status", "diagnostic-code"]
+        if block["Action"] == "delayed":  # a held recipient: returned unreleased after this
+            fields.append("will-retry-until")
+        assert sorted(k.lower() for k in block) == sorted(fields), block.items()
         kind, _, address = str(block["Final-Recipient"]).partition("; ")
         assert kind == "rfc822"
         assert address not in found
@@ -173,7 +175,9 @@ HELD = [
 
 
 def test_held_notice_is_a_delivery_status_report_of_delayed_recipients() -> None:
-    report = build_held_notice(HOSTNAME, SENDER, _original(), HELD, NOW, "Q123")
+    report = build_held_notice(
+        HOSTNAME, SENDER, _original(), HELD, NOW, "Q123", NOW + timedelta(days=30)
+    )
     message = _parse(report)
     _check_report_envelope(message)
     assert message["To"].addresses[0].addr_spec == SENDER
@@ -192,7 +196,9 @@ def test_held_notice_is_a_delivery_status_report_of_delayed_recipients() -> None
 
 
 def test_held_notice_names_the_original_but_quotes_nothing_of_it() -> None:
-    report = build_held_notice(HOSTNAME, SENDER, _original(), HELD, NOW, "Q123")
+    report = build_held_notice(
+        HOSTNAME, SENDER, _original(), HELD, NOW, "Q123", NOW + timedelta(days=30)
+    )
     message = _parse(report)
     human = _human_text(message)
     # The sender can tell which message is meant ...
@@ -213,7 +219,9 @@ def test_held_notice_names_the_original_but_quotes_nothing_of_it() -> None:
 
 def test_held_notice_of_an_original_without_date_or_message_id() -> None:
     original = (f"From: {SENDER}\r\nSubject: {SUBJECT_MARKER}\r\n\r\n{BODY_MARKER}\r\n").encode()
-    report = build_held_notice(HOSTNAME, SENDER, original, HELD[:1], NOW, "Q9")
+    report = build_held_notice(
+        HOSTNAME, SENDER, original, HELD[:1], NOW, "Q9", NOW + timedelta(days=30)
+    )
     _check_report_envelope(_parse(report))
     _check_status_lines(report)
     assert SUBJECT_MARKER.encode() not in report
@@ -447,7 +455,7 @@ class Parts:
             self.engine,
             self.spool,
             audit,
-            Reports(audit, HOSTNAME),
+            Reports(audit, HOSTNAME, timedelta(days=30)),
             HOSTNAME,
             lambda: self.accepted.append("woken"),
             clock=lambda: NOW,
