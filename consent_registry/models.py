@@ -148,6 +148,17 @@ class RecipientCertificate(SQLModel, table=True):
     imported_by: str = Field(max_length=128)
 
 
+class SpooledMessage(SQLModel, table=True):
+    """A sealed message (AES-256-GCM, see ``gateway.crypto_at_rest``) in the
+    database spool: how instances share accepted mail without a shared disk."""
+
+    __tablename__ = "spooled_message"
+
+    id: str = Field(primary_key=True, max_length=32)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    stored_at: datetime = _utc_column(index=True)
+
+
 class QueueMessage(SQLModel, table=True):
     """One accepted message; its encrypted content is in the spool."""
 

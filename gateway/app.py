@@ -13,7 +13,6 @@ import logging
 import ssl
 import warnings
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -34,7 +33,7 @@ from gateway.relay import OutboxRelay, Relay, SmtpRelay
 from gateway.reports import Reports
 from gateway.settings import ListenAddress, Settings
 from gateway.smtp import ConnectionLimiter, SubmissionHandler, SubmissionProtocol
-from gateway.spool import Spool
+from gateway.spool import FileSpool, Spool, open_spool
 from gateway.tls import (
     client_context,
     create_dev_certificate,
@@ -44,8 +43,6 @@ from gateway.tls import (
 from policies.throttle import AuthThrottle
 
 log = logging.getLogger(__name__)
-
-CLAIM_LEASE = timedelta(minutes=10)
 
 logging.getLogger("mail.log").setLevel(logging.ERROR)
 
@@ -84,7 +81,7 @@ def initialise(settings: Settings) -> InitReport:
         report.created.append(f"self-signed TLS certificate {cert}")
     else:
         report.kept.append(f"TLS certificate {cert}")
-    Spool.prepare(settings.spool_dir)
+    FileSpool.prepare(settings.spool_dir)
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)
@@ -140,9 +137,9 @@ class Gateway:
         engine = make_engine(settings.database_url)
         self._engine = engine
         key, _ = storage_key(settings)
-        spool = Spool(settings.spool_dir, key)
+        spool = open_spool(settings, engine, key)
         audit = audit_log(settings)
-        queue = QueueStore(engine, settings.instance_name, CLAIM_LEASE, audit)
+        queue = QueueStore(engine, settings.instance_name, settings.claim_lease, audit)
         await asyncio.to_thread(self._recover, spool, queue)
         retry = RetryPolicy(
             settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime

@@ -85,7 +85,7 @@ class DeliveryWorker:
         self._wake.clear()
         free = self.concurrency - len(self._in_flight)
         claimed = (
-            await asyncio.to_thread(self.queue.claim_due, self.clock(), free * 8) if free else []
+            await asyncio.to_thread(self.queue.claim_due, self.clock(), free) if free > 0 else []
         )
         for message in claimed:
             task = asyncio.create_task(self._deliver(message))

@@ -218,7 +218,14 @@ class QueueStore:
             )
             return int(getattr(result, "rowcount", 0) or 0)
 
-    def claim_due(self, now: datetime, limit: int) -> list[ClaimedMessage]:
+    def claim_due(self, now: datetime, messages: int) -> list[ClaimedMessage]:
+        """Claim the due recipients of at most ``messages`` messages, for the lease.
+
+        The worker runs one task per message, so this bounds what is in
+        flight (and what a crash can leave half-recorded).
+        """
+        if messages <= 0:
+            return []
         with session_scope(self.engine) as session:
             query = (
                 select(QueueRecipient)
@@ -229,13 +236,14 @@ class QueueStore:
                     | (col(QueueRecipient.claimed_until) < now)
                 )
                 .order_by(col(QueueRecipient.next_attempt_at))
-                .limit(limit)
+                .limit(messages * 8)
             )
             if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             rows = session.exec(query).all()
+            chosen = list(dict.fromkeys(row.message_id for row in rows))[:messages]
             by_message: dict[str, list[ClaimedRecipient]] = defaultdict(list)
-            for row in rows:
+            for row in (r for r in rows if r.message_id in chosen):
                 row.claimed_by = self.instance
                 row.claimed_until = now + self.lease
                 session.add(row)
@@ -253,7 +261,7 @@ class QueueStore:
                 )
             if not by_message:
                 return []
-            messages = session.exec(
+            found = session.exec(
                 select(QueueMessage).where(col(QueueMessage.id).in_(list(by_message)))
             ).all()
             return [
@@ -265,7 +273,7 @@ class QueueStore:
                     m.is_bounce,
                     m.username,
                 )
-                for m in messages
+                for m in found
             ]
 
     def finish(

@@ -228,6 +228,8 @@ class Settings(BaseSettings):
     mx_port: int = Field(default=25, gt=0, le=65535)
     quarantine_retention: Duration = timedelta(days=30)
     shutdown_grace: Duration = timedelta(seconds=30)
+    spool: Literal["auto", "files", "database"] = "auto"
+    claim_lease: Duration = timedelta(minutes=10)
 
     @field_validator("hostname", "instance_name")
     @classmethod
@@ -291,6 +293,7 @@ class Settings(BaseSettings):
             "smtp_idle_timeout",
             "smtp_session_timeout",
             "quarantine_retention",
+            "claim_lease",
         ):
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}: must be longer than 0s")

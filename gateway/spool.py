@@ -1,35 +1,160 @@
-"""The spool: sealed message files, durable before the client hears 250.
+"""The spool: sealed messages, durable before the client hears 250.
 
-A message is written to ``spool/tmp``, fsync'ed, renamed into ``spool/`` and
-the directory fsync'ed: after ``store`` returns, a power cut or ``kill -9``
-cannot lose it. Only sealed bytes touch the disk (``crypto_at_rest``). A file
-whose queue row never committed was never acknowledged; ``recover`` removes
-it at start-up, as Postfix drops unfinished files from ``incoming``.
+Two stores, one contract: after ``store`` returns, a power cut or ``kill -9``
+cannot lose the message, and only sealed bytes (``crypto_at_rest``) are
+kept. A message whose queue row never committed was never acknowledged;
+``recover`` removes it at start-up, as Postfix drops unfinished files from
+``incoming``.
+
+- ``FileSpool`` (the default with SQLite): a file written to ``spool/tmp``,
+  fsync'ed, renamed into ``spool/`` and the directory fsync'ed.
+- ``DatabaseSpool`` (the default with PostgreSQL): a row, committed. Several
+  instances then share the database and nothing else: any of them can
+  deliver what another accepted.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import os
 import time
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import Engine, delete
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session, col, select
+
+from consent_registry.db import session_scope
+from consent_registry.models import SpooledMessage
 from gateway.crypto_at_rest import StorageKey
+from gateway.settings import Settings
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+# PostgreSQL's SQLSTATE for "disk full".
+_PG_DISK_FULL = "53100"
 
 
 class SpoolFull(OSError):
     """The disk or quota is full: a temporary condition (452 4.3.1)."""
 
 
-class Spool:
+class Spool(abc.ABC):
+    """Where accepted messages wait, sealed, until every recipient is done."""
+
+    def __init__(self, key: StorageKey) -> None:
+        self.key = key
+
+    @abc.abstractmethod
+    def store(self, message_id: str, content: bytes) -> None:
+        """Seal and durably store; on any failure nothing is left behind."""
+
+    @abc.abstractmethod
+    def load(self, message_id: str) -> bytes:
+        """The message; FileNotFoundError when it is not (or no longer) there."""
+
+    @abc.abstractmethod
+    def remove(self, message_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def stored_ids(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def recover(self, committed: Iterable[str], older_than: float = 3600.0) -> list[str]:
+        """Remove never-acknowledged messages older than ``older_than`` seconds.
+
+        Only older ones: a younger one may belong to an intake (of this or
+        another process) whose commit is still under way.
+        """
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[SpoolBatch]:
+        """Messages stored in the block are removed again if the block fails.
+
+        The block stores first and commits the queue rows last: a failure
+        anywhere means nothing was acknowledged, so nothing may stay behind.
+        """
+        batch = SpoolBatch(self)
+        try:
+            yield batch
+        except BaseException:
+            for message_id in batch.stored:
+                with contextlib.suppress(Exception):
+                    self.remove(message_id)
+            raise
+
+
+def open_spool(settings: Settings, engine: Engine, key: StorageKey) -> Spool:
+    """The spool ``CGW_SPOOL`` names; ``auto`` is the database on PostgreSQL."""
+    kind = settings.spool
+    if kind == "auto":
+        kind = "database" if engine.dialect.name == "postgresql" else "files"
+    if kind == "database":
+        return DatabaseSpool(engine, key)
+    return FileSpool(settings.spool_dir, key)
+
+
+class DatabaseSpool(Spool):
+    """Sealed messages as rows of ``spooled_message``.
+
+    ``store`` commits on its own, before the transaction of the queue rows,
+    exactly as the file spool fsyncs before it (PostgreSQL's commit is
+    durable with its default ``synchronous_commit=on``).
+    """
+
+    def __init__(self, engine: Engine, key: StorageKey) -> None:
+        super().__init__(key)
+        self.engine = engine
+
+    def store(self, message_id: str, content: bytes) -> None:
+        sealed = self.key.seal(content, message_id)
+        try:
+            with session_scope(self.engine) as session:
+                session.add(
+                    SpooledMessage(id=message_id, sealed=sealed, stored_at=datetime.now(UTC))
+                )
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) == _PG_DISK_FULL:
+                raise SpoolFull(errno.ENOSPC, "the database's disk is full") from exc
+            raise
+
+    def load(self, message_id: str) -> bytes:
+        with Session(self.engine) as session:
+            row = session.get(SpooledMessage, message_id)
+            if row is None:
+                raise FileNotFoundError(errno.ENOENT, "not in the spool", message_id)
+            return self.key.open(row.sealed, message_id)
+
+    def remove(self, message_id: str) -> None:
+        with session_scope(self.engine) as session:
+            session.execute(delete(SpooledMessage).where(col(SpooledMessage.id) == message_id))
+
+    def stored_ids(self) -> list[str]:
+        with Session(self.engine) as session:
+            return list(session.exec(select(SpooledMessage.id)).all())
+
+    def recover(self, committed: Iterable[str], older_than: float = 3600.0) -> list[str]:
+        horizon = datetime.now(UTC) - timedelta(seconds=older_than)
+        keep = set(committed)
+        with session_scope(self.engine) as session:
+            old = session.exec(
+                select(SpooledMessage.id).where(col(SpooledMessage.stored_at) < horizon)
+            ).all()
+            dropped = [message_id for message_id in old if message_id not in keep]
+            for start in range(0, len(dropped), 500):
+                chunk = dropped[start : start + 500]
+                session.execute(delete(SpooledMessage).where(col(SpooledMessage.id).in_(chunk)))
+        return dropped
+
+
+class FileSpool(Spool):
     def __init__(self, directory: Path, key: StorageKey) -> None:
+        super().__init__(key)
         self.directory = directory
         self.tmp = directory / "tmp"
-        self.key = key
 
     @staticmethod
     def prepare(directory: Path) -> None:
@@ -41,7 +166,6 @@ class Spool:
         return self.directory / f"{message_id}.msg"
 
     def store(self, message_id: str, content: bytes) -> None:
-        """Seal and durably store; on any failure nothing is left behind."""
         sealed = self.key.seal(content, message_id)
         tmp = self.tmp / f"{message_id}.tmp"
         try:
@@ -61,22 +185,6 @@ class Spool:
                 raise SpoolFull(exc.errno, exc.strerror) from exc
             raise
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[SpoolBatch]:
-        """Files stored in the block are removed again if the block fails.
-
-        The block stores first and commits the queue rows last: a failure
-        anywhere means nothing was acknowledged, so nothing may stay behind.
-        """
-        batch = SpoolBatch(self)
-        try:
-            yield batch
-        except BaseException:
-            for message_id in batch.stored:
-                with contextlib.suppress(OSError):
-                    self.remove(message_id)
-            raise
-
     def load(self, message_id: str) -> bytes:
         return self.key.open(self.path(message_id).read_bytes(), message_id)
 
@@ -88,11 +196,6 @@ class Spool:
         return [p.stem for p in self.directory.glob("*.msg")]
 
     def recover(self, committed: Iterable[str], older_than: float = 3600.0) -> list[str]:
-        """Remove unfinished and never-acknowledged files; return their ids.
-
-        Only files older than ``older_than`` seconds: a younger one may belong to
-        an intake (of this or another process) whose commit is still under way.
-        """
         horizon = time.time() - older_than
         for leftover in self.tmp.glob("*.tmp"):
             if leftover.stat().st_mtime < horizon:
@@ -111,7 +214,7 @@ class Spool:
 
 
 class SpoolBatch:
-    """The files one transaction stores (see ``Spool.batch``)."""
+    """The messages one transaction stores (see ``Spool.batch``)."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool

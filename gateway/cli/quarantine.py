@@ -22,7 +22,7 @@ from gateway.policy_gate import PolicyGate
 from gateway.quarantine import NotHeld, Quarantine
 from gateway.queue import QueueRow
 from gateway.reports import Reports
-from gateway.spool import Spool
+from gateway.spool import open_spool
 
 
 @contextmanager
@@ -32,7 +32,7 @@ def _quarantine() -> Iterator[Quarantine]:
         audit = context.audit(config)
         quarantine = Quarantine(
             queue_store(engine),
-            Spool(config.spool_dir, context.storage(config)),
+            open_spool(config, engine, context.storage(config)),
             audit,
             Reports(audit, config.hostname, config.quarantine_retention),
             PolicyGate(engine, config.policy()),

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from gateway.app import initialise
 from gateway.settings import Settings
 from tests.conftest import DOMAIN, create_user
-from tests.gateway.test_durability import ServeProcess, _message_done, _send, _wait
+from tests.gateway.test_durability import ServeProcess, _message_done, _send, _stored, _wait
 from tests.sink import Sink
 
 SENDER = f"dr.smith@{DOMAIN}"
@@ -65,7 +65,7 @@ def test_every_accepted_message_survives_twenty_kills(
         assert copies >= 1, f"{marker} was accepted but never delivered"
     duplicates = len(received) - len(accepted)
     print(f"\n{KILLS} kills, {len(accepted)} messages, {duplicates} duplicate deliveries")
-    assert list(settings.spool_dir.glob("*.msg")) == []
+    _wait(lambda: _stored(settings) == [], "the spool to empty")
 
 
 def _body(marker: str) -> bytes:

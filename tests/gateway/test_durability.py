@@ -8,6 +8,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,9 @@ from sqlmodel import Session, SQLModel, select
 from consent_registry.db import make_engine
 from consent_registry.models import QueueMessage, QueueRecipient
 from gateway.app import initialise
+from gateway.crypto_at_rest import storage_key
 from gateway.settings import Settings
+from gateway.spool import open_spool
 from tests.conftest import DOMAIN, PASSWORD, create_user
 from tests.runner import GatewayThread
 from tests.sink import Sink
@@ -58,6 +61,15 @@ def _message_done(settings: Settings, message_id: str) -> bool:
         with Session(engine) as session:
             message = session.get(QueueMessage, message_id)
             return message is not None and message.done_at is not None
+    finally:
+        engine.dispose()
+
+
+def _stored(settings: Settings) -> list[str]:
+    """The ids in the spool, wherever it is (files with SQLite, rows with PostgreSQL)."""
+    engine = make_engine(settings.database_url)
+    try:
+        return open_spool(settings, engine, storage_key(settings)[0]).stored_ids()
     finally:
         engine.dispose()
 
@@ -107,17 +119,33 @@ class ServeProcess:
                 self.port = int(address.rsplit(":", 1)[1])
                 break
         assert self.port, "".join(self.output)
+        # Keep reading: a busy gateway would block on a full pipe.
+        self._reader = threading.Thread(target=self._read_rest, daemon=True)
+        self._reader.start()
+
+    def _read_rest(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(30)
+        self._reader.join(10)
 
     def stop(self) -> int:
         """SIGTERM, as systemd or Docker stop it; returns the exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(30)
+        self._reader.join(10)
         return self.process.returncode
+
+    def wait(self, timeout: float) -> int:
+        """The exit status, once the process ended by itself (and all its output is read)."""
+        status = self.process.wait(timeout)
+        self._reader.join(10)
+        return status
 
 
 def _send(port: int, cafile: Path, content: bytes) -> str:
@@ -149,7 +177,7 @@ def test_sigkill_after_250_then_restart_delivers_exactly_once(
     finally:
         first.stop()
         stalled.stop()
-    assert (settings.spool_dir / f"{message_id}.msg").exists()
+    assert _stored(settings) == [message_id]
     assert _plaintext_hits(settings, MARKER) == []
 
     sink = Sink(sink_tls).start()
@@ -160,7 +188,7 @@ def test_sigkill_after_250_then_restart_delivers_exactly_once(
         assert MARKER.encode() in received.content
         assert len(sink.received) == 1
         # The file goes right after the commit that completes the message.
-        _wait(lambda: list(settings.spool_dir.glob("*.msg")) == [], "the spool file to go")
+        _wait(lambda: _stored(settings) == [], "the spooled copy to go")
         assert "Configure your mail client" in "".join(second.output)
         assert second.stop() == 0
     finally:
@@ -180,7 +208,7 @@ def test_no_plaintext_anywhere_while_a_message_waits_in_the_spool(
     client.sendmail(SENDER, [f"colleague@{DOMAIN}"], _message())
     client.quit()
     _wait(lambda: any(r.state == "deferred" for r in _recipients(settings)), "a deferral")
-    assert len(list(settings.spool_dir.glob("*.msg"))) == 1
+    assert len(_stored(settings)) == 1
     assert _plaintext_hits(settings, MARKER) == []
 
 
@@ -190,7 +218,9 @@ def test_spool_fault_answers_451_and_stores_nothing(
     sink: Sink,
     ca_file: Path,
 ) -> None:
-    settings = make_settings(delivery=f"smtp://127.0.0.1:{sink.port}", delivery_ca_file=ca_file)
+    settings = make_settings(
+        delivery=f"smtp://127.0.0.1:{sink.port}", delivery_ca_file=ca_file, spool="files"
+    )
     running = start_gateway(settings)
     tmp = settings.spool_dir / "tmp"
     tmp.rmdir()
@@ -224,7 +254,7 @@ def test_database_fault_answers_451_and_leaves_no_spool_file(
         with pytest.raises(smtplib.SMTPDataError) as refused:
             client.sendmail(SENDER, [f"colleague@{DOMAIN}"], _message())
         assert refused.value.smtp_code == 451
-        assert list(settings.spool_dir.glob("*.msg")) == []
+        assert _stored(settings) == []
         assert list((settings.spool_dir / "tmp").iterdir()) == []
     finally:
         with engine.begin() as conn:

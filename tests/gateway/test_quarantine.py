@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 
 from consent_registry import certificates
 from consent_registry.db import make_engine, session_scope
-from consent_registry.models import Consent, QueueMessage
+from consent_registry.models import Consent, QueueMessage, SpooledMessage
 from gateway.app import initialise
 from gateway.audit import audit_log
 from gateway.crypto_at_rest import storage_key
@@ -27,7 +27,7 @@ from gateway.quarantine import NotHeld, Quarantine
 from gateway.queue import QueuedRecipient, QueueStore, RecipientResult, Verdict, settle
 from gateway.reports import Reports
 from gateway.settings import Settings
-from gateway.spool import Spool
+from gateway.spool import DatabaseSpool, FileSpool, Spool, open_spool
 from tests.conftest import DOMAIN, PASSWORD, Run, create_user
 from tests.gateway.test_durability import _plaintext_hits, _wait
 from tests.practice import SENDER, Practice
@@ -260,10 +260,10 @@ def test_reject_returns_the_message_to_its_sender_in_one_bounce(
         ("message.bounced", "gateway", None),
     ]
     settings = practice.settings
-    _wait(
-        lambda: not Spool(settings.spool_dir, storage_key(settings)[0]).path(message_id).exists(),
-        "the held copy to be removed",
-    )
+    engine = make_engine(settings.database_url)
+    spool = open_spool(settings, engine, storage_key(settings)[0])
+    _wait(lambda: message_id not in spool.stored_ids(), "the held copy to be removed")
+    engine.dispose()
     for command in ("reject", "release", "show"):
         gone = cgw("quarantine", command, message_id, extra=PRACTICE_ENV)
         assert gone.returncode == 1 and "no held message" in gone.stderr
@@ -294,7 +294,7 @@ def _quarantine(settings: Settings) -> Quarantine:
     audit = audit_log(settings)
     return Quarantine(
         QueueStore(engine, "test", timedelta(minutes=1), audit),
-        Spool(settings.spool_dir, storage_key(settings)[0]),
+        open_spool(settings, engine, storage_key(settings)[0]),
         audit,
         Reports(audit, settings.hostname, settings.quarantine_retention),
         PolicyGate(engine, settings.policy()),
@@ -381,6 +381,20 @@ def test_a_secure_channel_lost_while_the_message_waits_puts_it_back_on_hold(
     assert ("message.quarantined", "gateway", "NO_SECURE_CHANNEL") in _actions(practice, message_id)
 
 
+def _damage(spool: Spool, message_id: str) -> None:
+    """Cut the end off a sealed message, wherever the spool keeps it."""
+    if isinstance(spool, FileSpool):
+        path = spool.path(message_id)
+        path.write_bytes(path.read_bytes()[:-20])
+        return
+    assert isinstance(spool, DatabaseSpool)
+    with session_scope(spool.engine) as session:
+        row = session.get(SpooledMessage, message_id)
+        assert row is not None
+        row.sealed = row.sealed[:-20]
+        session.add(row)
+
+
 def test_a_damaged_held_message_does_not_stop_retention(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -391,8 +405,7 @@ def test_a_damaged_held_message_does_not_stop_retention(
     _hold(quarantine, "OLD1", datetime.now(UTC) - timedelta(days=40))
     _hold(quarantine, "OLD2", datetime.now(UTC) - timedelta(days=35))
     _hold(quarantine, "YOUNG", datetime.now(UTC) - timedelta(days=1))
-    damaged = quarantine.spool.path("OLD1")
-    damaged.write_bytes(damaged.read_bytes()[:-20])  # the oldest can no longer be opened
+    _damage(quarantine.spool, "OLD1")  # the oldest can no longer be opened
     assert quarantine.expire(timedelta(days=30)) == ["OLD1", "OLD2"]
     assert [r.message_id for r in quarantine.queue.held()] == ["YOUNG"]
     with Session(quarantine.engine) as session:

@@ -35,7 +35,7 @@ from gateway.crypto_at_rest import StorageKey, storage_key
 from gateway.intake import Intake
 from gateway.reports import Reports
 from gateway.settings import Settings
-from gateway.spool import Spool
+from gateway.spool import FileSpool, Spool
 from policies.decision import Decision, Outcome, Protection, Reason
 from policies.facts import Role, SenderFacts
 from tests.conftest import DOMAIN
@@ -345,8 +345,8 @@ class Boom(Exception):
 @pytest.fixture
 def spool(tmp_path: Path) -> Spool:
     directory = tmp_path / "spool"
-    Spool.prepare(directory)
-    return Spool(directory, StorageKey(secrets.token_bytes(32)))
+    FileSpool.prepare(directory)
+    return FileSpool(directory, StorageKey(secrets.token_bytes(32)))
 
 
 def _files(spool: Spool) -> list[Path]:
@@ -473,7 +473,7 @@ def parts(make_settings: Callable[..., Settings]) -> Iterator[Parts]:
     settings = make_settings(denial_mode="bounce")
     initialise(settings)
     engine = make_engine(settings.database_url)
-    spool = Spool(settings.spool_dir, storage_key(settings)[0])
+    spool = FileSpool(settings.spool_dir, storage_key(settings)[0])
     try:
         yield Parts(settings, engine, spool, [])
     finally:
