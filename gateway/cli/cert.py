@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from consent_registry import certificates
-from gateway.audit import AuditAction, AuditEntry
+from gateway import registry_audit
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 
@@ -34,12 +34,7 @@ def import_(email: str, file: Path, actor: str) -> None:
         view = certificates.import_certificate(session, email, data, actor, now)
         context.audit(config).record(
             session,
-            AuditEntry(
-                AuditAction.CERTIFICATE_IMPORTED,
-                actor,
-                recipient=view.email,
-                detail=f"sha256 {view.fingerprint_sha256}, expires {view.not_after:%Y-%m-%d}",
-            ),
+            registry_audit.certificate_imported(actor, view),
             now,
         )
     click.echo(

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 
 import click
-from sqlmodel import Session
 
 from consent_registry import consents, patients
-from consent_registry.consents import ConsentTerms, ConsentView, TermsError
+from consent_registry.consents import ConsentTerms, TermsError
 from consent_registry.errors import RegistryError
 from consent_registry.io_csv import read_csv, write_csv
 from consent_registry.io_fhir import read_fhir, write_fhir
-from gateway.audit import AuditAction, AuditEntry, AuditLog
+from gateway import registry_audit
+from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from policies.status import ConsentStatus
@@ -23,24 +22,6 @@ from policies.status import ConsentStatus
 @click.group()
 def consent() -> None:
     """Consents: granted, revoked, listed, imported and exported."""
-
-
-def _audit_grant(
-    audit: AuditLog, session: Session, view: ConsentView, actor: str, detail: str, now: datetime
-) -> None:
-    audit.record(
-        session,
-        AuditEntry(
-            AuditAction.CONSENT_GRANTED,
-            actor,
-            patient_id=view.patient_id,
-            consent_id=view.id,
-            recipient=view.email,
-            username=view.clinician,
-            detail=detail,
-        ),
-        now,
-    )
 
 
 @consent.command()
@@ -91,14 +72,7 @@ def grant(
             (view,) = consents.grant_many(session, [terms], actor, now, config.zone)
         except TermsError as exc:
             raise CliError(str(exc)) from None
-        _audit_grant(
-            context.audit(config),
-            session,
-            view,
-            actor,
-            f"{view.delivery}, {view.clinician or 'practice-wide'}",
-            now,
-        )
+        context.audit(config).record(session, registry_audit.consent_granted(actor, view), now)
     click.echo(view.id)
 
 
@@ -191,14 +165,8 @@ def import_(file: Path, fmt: str | None, actor: str) -> None:
             ) from None
         audit = context.audit(config)  # the key file is read once, not once per row
         for (position, _), view in zip(rows, views, strict=True):
-            _audit_grant(
-                audit,
-                session,
-                view,
-                actor,
-                f"imported from {file.name} {position}",
-                now,
-            )
+            how = f"imported from {file.name} {position}"
+            audit.record(session, registry_audit.consent_granted(actor, view, how), now)
     click.echo(f"imported {len(views)} consents from {file}")
 
 

@@ -12,6 +12,7 @@ from gateway.cli.audit import audit
 from gateway.cli.cert import cert
 from gateway.cli.check import check
 from gateway.cli.consent import consent
+from gateway.cli.demo import demo
 from gateway.cli.patient import patient
 from gateway.cli.quarantine import quarantine
 from gateway.cli.queue import queue
@@ -40,6 +41,7 @@ cli.add_command(check)
 cli.add_command(queue)
 cli.add_command(audit)
 cli.add_command(quarantine)
+cli.add_command(demo)
 
 
 def main() -> None:

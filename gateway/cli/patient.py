@@ -8,6 +8,7 @@ import click
 
 from consent_registry import certificates, consents, patients, relationships
 from consent_registry.patients import PatientView
+from gateway import registry_audit
 from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import print_json, print_table
@@ -29,9 +30,7 @@ def add(name: str, emails: tuple[str, ...], mrn: str | None, actor: str) -> None
     with context.transaction(config) as session:
         now = context.now()
         view = patients.add_patient(session, name, list(emails), mrn, actor, now)
-        context.audit(config).record(
-            session, AuditEntry(AuditAction.PATIENT_ADDED, actor, patient_id=view.id), now
-        )
+        context.audit(config).record(session, registry_audit.patient_added(actor, view.id), now)
     click.echo(view.id)
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict
 import click
 
 from consent_registry import patients, relationships
+from gateway import registry_audit
 from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import print_json, print_table
@@ -35,17 +36,7 @@ def add(patient_ref: str, clinician: str, since: str | None, kind: str, actor: s
         view = relationships.add_relationship(
             session, found, clinician, first_day, kind, actor, now, config.zone
         )
-        context.audit(config).record(
-            session,
-            AuditEntry(
-                AuditAction.RELATIONSHIP_ADDED,
-                actor,
-                patient_id=view.patient_id,
-                username=clinician,
-                detail=f"relationship {view.id}, {kind}, since {first_day}",
-            ),
-            now,
-        )
+        context.audit(config).record(session, registry_audit.relationship_added(actor, view), now)
     click.echo(view.id)
 
 

@@ -8,6 +8,7 @@ import click
 
 from consent_registry import users
 from consent_registry.users import UserView
+from gateway import registry_audit
 from gateway.audit import AuditAction, AuditEntry
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
@@ -70,16 +71,7 @@ def add(
     with context.transaction(config) as session:
         now = context.now()
         view = users.add_user(session, username, addresses, role, password, actor, now)
-        context.audit(config).record(
-            session,
-            AuditEntry(
-                AuditAction.USER_ADDED,
-                actor,
-                username=username,
-                detail=f"role {role}; " + ", ".join(view.addresses),
-            ),
-            now,
-        )
+        context.audit(config).record(session, registry_audit.user_added(actor, view), now)
     click.echo(f"added user {view.username} ({view.role.value}): {', '.join(view.addresses)}")
 
 
