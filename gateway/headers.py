@@ -56,17 +56,18 @@ def split_message(content: bytes) -> tuple[bytes, bytes]:
 
 
 def parse_fields(header_block: bytes) -> list[HeaderField]:
-    fields: list[HeaderField] = []
+    # Lines are collected per field and joined once: joining at every
+    # continuation line costs time quadratic in a long folded field.
+    parts: list[tuple[str, list[bytes]]] = []
     for line in header_block.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            last = fields[-1]
-            fields[-1] = HeaderField(last.name, last.raw + line)
+        if line[:1] in (b" ", b"\t") and parts:
+            parts[-1][1].append(line)
             continue
         name, colon, _ = line.partition(b":")
         if not colon or not name or name != name.strip() or not name.isascii():
             raise HeaderError("the message header contains a line that is not a header field")
-        fields.append(HeaderField(name.decode("ascii").lower(), line))
-    return fields
+        parts.append((name.decode("ascii").lower(), [line]))
+    return [HeaderField(name, b"".join(lines)) for name, lines in parts]
 
 
 def from_addresses(fields: list[HeaderField]) -> list[str]:

@@ -33,7 +33,13 @@ def header_sender_not_owned(address: str) -> str:
 
 
 def bad_address(address: str, why: str) -> str:
-    return f"553 5.1.3 <{address}>: {why}"
+    return f"553 5.1.3 <{printable(address)}>: {printable(why)}"
+
+
+def printable(text: str) -> str:
+    """Client text repeated in a reply: control characters become '?', so a CR
+    or NUL from the client can never end or split the gateway's own reply line."""
+    return "".join("?" if ord(c) < 32 or ord(c) == 127 else c for c in text)
 
 
 def bad_header(why: str) -> str:

@@ -112,8 +112,12 @@ class SubmissionProtocol(SMTP):
         return SubmissionEnvelope()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """Refuse source routes (<@relay:user@host>); aiosmtpd would drop the route."""
-        if arg.lstrip().startswith("<@"):
+        """Refuse source routes (<@relay:user@host>) and control characters.
+
+        aiosmtpd's parser would drop a route, or a CR inside the brackets, and
+        pass on an address the client never wrote.
+        """
+        if arg.lstrip().startswith("<@") or any(ord(c) < 32 or ord(c) == 127 for c in arg):
             return None, None
         return super()._getaddr(arg)
 
@@ -292,6 +296,15 @@ class SubmissionHandler:
         return replies.recipient_accepted(decision, parsed.written)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """A fault is answered here, not in handle_exception: a hook that
+        returns lets aiosmtpd end the transaction, one that raises leaves it open."""
+        try:
+            return await self._data(session, envelope)
+        except Exception as exc:
+            self._log.error("could not take a message: %s", exc, exc_info=exc)
+            return replies.TEMPORARY_FAULT
+
+    async def _data(self, session: Session, envelope: Envelope) -> str:
         assert isinstance(envelope, SubmissionEnvelope) and envelope.mail_from is not None
         content = envelope.original_content or b""
         kind = bare_line_ending(content)
