@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import logging
 from collections import Counter
@@ -91,6 +92,10 @@ class SubmissionEnvelope(Envelope):
 
 
 class SubmissionProtocol(SMTP):
+    # RFC 5321 4.5.3.1.6: a text line is at most 1,000 octets with its CRLF
+    # (aiosmtpd's default allows 1,001).
+    line_length_limit = 1000
+
     def __init__(
         self,
         handler: SubmissionHandler,
@@ -99,6 +104,9 @@ class SubmissionProtocol(SMTP):
         session_timeout: float,
         **kwargs: Any,
     ) -> None:
+        # aiosmtpd keeps these in one class-level dict that every session's
+        # EHLO grows and every new connection clears: each session gets its own.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(handler, **kwargs)
         self._limiter = limiter
         self._session_timeout = session_timeout
@@ -187,6 +195,9 @@ class SubmissionProtocol(SMTP):
         self._finished()
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd adds the SIZE and SMTPUTF8 allowance to MAIL at every EHLO:
+        # start from the base limit, so repeating EHLO cannot grow it.
+        self.command_size_limits.pop("MAIL", None)
         self._in_ehlo = True
         try:
             await super().smtp_EHLO(hostname)

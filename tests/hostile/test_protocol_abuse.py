@@ -247,15 +247,6 @@ def test_overlong_command_lines_are_500_and_the_session_goes_on(
     assert received.rcpt_tos == (COLLEAGUE,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: aiosmtpd keeps command_size_limits in a class-level dict shared by every "
-        "session (SMTP.command_size_limits; SubmissionProtocol does not override it): each "
-        "EHLO adds 36 octets to the MAIL limit for good, and every new connection resets "
-        "it for all sessions; an overlong MAIL line then gets past the length check"
-    ),
-)
 def test_an_overlong_mail_command_is_refused_however_often_the_client_said_ehlo(
     gateway: GatewayThread,
 ) -> None:
@@ -289,14 +280,6 @@ def test_an_overlong_text_line_refuses_the_whole_message_and_the_session_goes_on
     assert [r.address for r in _recipients(gateway.settings)] == [COLLEAGUE]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: a text line of 1,001 octets (999 + CRLF) is accepted; aiosmtpd's "
-        "line_length_limit is 1001 including CRLF, one more than RFC 5321 4.5.3.1.6 and "
-        "docs/ARCHITECTURE.md ('longer than 1,000 octets ... refused') allow"
-    ),
-)
 def test_a_text_line_of_1001_octets_is_refused(gateway: GatewayThread, sink: Sink) -> None:
     raw = logged_in_raw(gateway)
     reply = transaction(raw, [COLLEAGUE], message("1001") + b"C" * 999 + b"\r\n")
