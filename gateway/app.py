@@ -228,8 +228,16 @@ class Gateway:
                 loop=loop,
             )
 
+        # On the implicit-TLS port a session (its cap, its idle timer) begins
+        # after the handshake: a client that never starts one is dropped after
+        # the idle timeout, not held for asyncio's default minute.
         server = await loop.create_server(
-            protocol, address.host, address.port, ssl=tls if implicit else None, reuse_address=True
+            protocol,
+            address.host,
+            address.port,
+            ssl=tls if implicit else None,
+            reuse_address=True,
+            ssl_handshake_timeout=settings.smtp_idle_timeout.total_seconds() if implicit else None,
         )
         self._servers.append(server)
         host, port = server.sockets[0].getsockname()[:2]

@@ -519,15 +519,6 @@ def test_a_slow_but_steady_upload_is_not_cut_off_as_idle(
     assert len(sink.wait_for(1)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: on the implicit-TLS port a connection counts (cap) and times out (idle) only "
-        "after its TLS handshake (connection_made); gateway/app.py creates the server "
-        "without ssl_handshake_timeout, so a client that never sends a ClientHello is held "
-        "for asyncio's default 60 s, outside the per-client cap"
-    ),
-)
 def test_a_silent_connection_to_the_implicit_tls_port_is_dropped_like_an_idle_one(
     make_settings: Callable[..., Settings], start_gateway: StartGateway
 ) -> None:
