@@ -256,13 +256,11 @@ class SubmissionHandler:
     async def _login(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         assert server.session is not None
         client = str(server.session.peer[0]) if server.session.peer else "unknown"
-        try:
-            outcome = await self.authenticator.authenticate(
-                client, login.decode("utf-8"), password.decode("utf-8")
-            )
-        except UnicodeDecodeError:
-            await server.push(replies.AUTH_INVALID)
-            return AuthResult(success=False, handled=True)
+        # Credentials that are not UTF-8 cannot match, but they are a failed
+        # login like any other: audited, delayed, counted towards the lock-out.
+        outcome = await self.authenticator.authenticate(
+            client, login.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+        )
         if outcome.sender is None:
             await server.push(
                 replies.AUTH_LOCKED_OUT if outcome.locked_out else replies.AUTH_INVALID

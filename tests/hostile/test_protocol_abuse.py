@@ -361,15 +361,6 @@ def test_lock_out_is_per_client_address_not_per_account(
     assert {e.detail for e in audit(running.settings, "auth.failed")} == {"client 127.0.0.1"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: gateway/smtp.py SubmissionHandler._login answers credentials that are not "
-        "UTF-8 with 535 before the Authenticator sees them: no auth.failed entry, no "
-        "back-off, not counted towards the lock-out (and a locked-out client gets 535, "
-        "not 454)"
-    ),
-)
 def test_every_535_is_an_audited_failure_that_counts_towards_the_lock_out(
     make_settings: Callable[..., Settings], start_gateway: StartGateway
 ) -> None:
