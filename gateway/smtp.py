@@ -170,6 +170,14 @@ class SubmissionProtocol(SMTP):
             return False
         return super().eof_received()
 
+    def data_received(self, data: bytes) -> None:
+        """Any bytes from the client restart the idle timer, message data too:
+        aiosmtpd restarts it only per command, so a large attachment on a slow
+        line was cut off as idle. The session timeout still bounds a trickle."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._reset_timeout()
+        super().data_received(data)
+
     def _timeout_cb(self) -> None:
         self.close_with(replies.idle_timeout(self.hostname))
 

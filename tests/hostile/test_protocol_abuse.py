@@ -471,14 +471,6 @@ def test_a_client_that_stalls_inside_data_gets_421_and_nothing_is_stored(
     _nothing_accepted(running, sink)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: the idle timer (aiosmtpd's _reset_timeout) restarts only when a command "
-        "arrives, not while DATA flows: a slow upload longer than CGW_SMTP_IDLE_TIMEOUT "
-        "(5 min by default: a large attachment on a slow line) is cut off with 421 4.4.2"
-    ),
-)
 def test_a_slow_but_steady_upload_is_not_cut_off_as_idle(
     make_settings: Callable[..., Settings],
     start_gateway: StartGateway,
