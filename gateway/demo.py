@@ -51,6 +51,7 @@ from consent_registry.db import make_engine, session_scope
 from gateway import registry_audit
 from gateway.app import Gateway, initialise, tls_files
 from gateway.audit import AuditEntry, AuditFilter, AuditLog, audit_log, entries
+from gateway.cli.output import table_lines
 from gateway.headers import parse_fields, split_message
 from gateway.queue import DUE_STATES, QueueRow, QueueStore
 from gateway.settings import ListenAddress, Settings
@@ -390,14 +391,6 @@ async def send_letters(
 # --- what happened -------------------------------------------------------------
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    cells = [["-" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return ["  " + line.rstrip() for line in lines]
-
-
 def _headers(content: bytes, names: Sequence[str]) -> list[str]:
     """These header fields as they are on the wire (unfolded), in their order there."""
     header_block, _ = split_message(content)
@@ -473,14 +466,15 @@ def show_audit(out: Output, engine: Engine, audit: AuditLog) -> int:
     with session_scope(engine) as session:
         found = entries(session, AuditFilter())
         count, broken = audit.verify(session)
-    for line in table(
+    for line in table_lines(
         ["seq", "action", "actor", "patient", "recipient", "decision", "reason"],
         [
             (e.seq, e.action, e.actor, e.patient_id, e.recipient, e.decision, e.reason)
             for e in found
         ],
+        "nothing",
     ):
-        out(line)
+        out("  " + line)
     if broken is not None:
         raise DemoError(f"audit entry {broken.seq} {broken.problem}")
     out(f"  cgw audit verify: audit log intact: {count} entries")
@@ -531,7 +525,7 @@ async def _tour(out: Output, directory: Path, cleanup: contextlib.AsyncExitStack
     }
     await asyncio.to_thread(record_practice, settings, engine, password, certs)
     out("1. The practice's records (as cgw user/patient/relationship/consent/cert add them)")
-    for line in table(
+    for line in table_lines(
         ["who", "address", "relationship", "consent", "certificate"],
         [
             ("drsmith (clinician)", SENDER, None, None, None),
@@ -546,8 +540,9 @@ async def _tour(out: Output, directory: Path, cleanup: contextlib.AsyncExitStack
                 for p in PATIENTS
             ),
         ],
+        "nothing",
     ):
-        out(line)
+        out("  " + line)
     out("  drsmith's password was generated for this demo.")
     out("")
 
@@ -581,11 +576,12 @@ async def _tour(out: Output, directory: Path, cleanup: contextlib.AsyncExitStack
 
     out("5. The quarantine (cgw quarantine list)")
     held = await asyncio.to_thread(store.held)
-    for line in table(
+    for line in table_lines(
         ["id", "sender", "recipient", "reason"],
         [(r.message_id, r.mail_from, r.recipient, r.reason) for r in held],
+        "nothing is held",
     ):
-        out(line)
+        out("  " + line)
     if [r.recipient for r in held] != [EVE]:
         raise DemoError(f"expected Eve's message in the quarantine, found {len(held)} held")
     out("  Sealed in the spool until an admin runs cgw quarantine release or reject.")
