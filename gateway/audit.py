@@ -26,18 +26,10 @@ from sqlmodel import Session, col, select
 
 from consent_registry.models import AuditEvent, AuditHead
 from gateway.crypto_at_rest import load_or_create_secret
+from gateway.headers import storable
 from gateway.settings import Settings
 
 GENESIS = "0" * 64
-
-
-def storable(text: str) -> str:
-    """Text from outside (a next hop's reply) as valid UTF-8: undecodable bytes become U+FFFD.
-
-    aiosmtplib decodes replies with surrogateescape; such text cannot be encoded,
-    hashed or stored, and must not be able to stop the queue from recording a result.
-    """
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class AuditAction(enum.StrEnum):

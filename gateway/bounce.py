@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
-from gateway.headers import HeaderError, parse_fields, split_message
+from gateway.headers import HeaderError, parse_fields, split_message, storable
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def _report(
         "Content-Type: text/plain; charset=utf-8",
         "Content-Transfer-Encoding: 8bit",
         "",
-        "\r\n".join(_readable(line) for line in human),
+        "\r\n".join(storable(line) for line in human),
         f"--{boundary}",
         "Content-Type: message/delivery-status",
         "",
@@ -178,9 +178,13 @@ def _field_text(text: str) -> str:
     return flat.encode("ascii", "replace").decode("ascii")[:900]
 
 
-def _readable(text: str) -> str:
-    """Text for the human-readable part: valid UTF-8, whatever came in."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+def failure_status(reply: str) -> str:
+    """The enhanced status code of a reply that failed a recipient for good
+    (a 4.x.y that ran out of time becomes 5.x.y), or 5.0.0 when it has none."""
+    words = reply.split()
+    if len(words) > 1 and words[1][:2] in ("4.", "5.") and words[1].count(".") == 2:
+        return "5" + words[1][1:]
+    return "5.0.0"
 
 
 def _identity(original: bytes) -> tuple[str, str]:

@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from sqlmodel import Session
 
 from gateway import replies
-from gateway.audit import storable
-from gateway.bounce import FailedRecipient
+from gateway.bounce import FailedRecipient, failure_status
+from gateway.headers import storable
 from gateway.policy_gate import PolicyGate
 from gateway.protection import ProtectionUnavailable, Protector
 from gateway.queue import (
@@ -168,7 +168,7 @@ class DeliveryWorker:
         now = self.clock()
         settled = settle(message, results, now, self.retry.lifetime)
         failed = [
-            FailedRecipient(address, _status_of(result.reply), storable(result.reply))
+            FailedRecipient(address, failure_status(result.reply), storable(result.reply))
             for address, result in settled.items()
             if result.verdict is Verdict.FAILED
         ]
@@ -277,11 +277,3 @@ def _by_protection(recipients: Sequence[ClaimedRecipient]) -> dict[str, list[Cla
         key = Protection.SMIME.value if rcpt.protection == Protection.SMIME.value else "transport"
         groups.setdefault(key, []).append(rcpt)
     return groups
-
-
-def _status_of(reply: str) -> str:
-    """The enhanced status code in a reply, or the generic one for its class."""
-    words = reply.split()
-    if len(words) > 1 and words[1][:2] in ("4.", "5.") and words[1].count(".") == 2:
-        return "5" + words[1][1:]
-    return "5.0.0"

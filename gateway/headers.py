@@ -31,6 +31,15 @@ class HeaderField:
         return " ".join(text.replace("\r\n", " ").split())
 
 
+def storable(text: str) -> str:
+    """Text from outside (a next hop's reply) as valid UTF-8: undecodable bytes become U+FFFD.
+
+    aiosmtplib decodes replies with surrogateescape; such text cannot be encoded,
+    hashed or stored, and must not be able to stop the queue from recording a result.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def bare_line_ending(content: bytes) -> str | None:
     """'bare LF' or 'bare CR' when a line does not end in CRLF, else None.
 

@@ -30,7 +30,7 @@ from consent_registry.db import session_scope
 from consent_registry.models import QueueMessage, QueueRecipient
 from gateway import replies
 from gateway.audit import AuditAction, AuditEntry, AuditLog
-from gateway.bounce import FailedRecipient
+from gateway.bounce import FailedRecipient, failure_status
 from gateway.crypto_at_rest import SealError
 from gateway.policy_gate import PolicyGate
 from gateway.queue import QueuedRecipient, QueueStore
@@ -170,7 +170,11 @@ class Quarantine:
                 raise NotHeld(message_id)
             message = session.get(QueueMessage, message_id)
             assert message is not None
-            failed = [FailedRecipient(r.address, *_code_and(reply_for(r.address))) for r in taken]
+            replies_for = [reply_for(r.address) for r in taken]
+            failed = [
+                FailedRecipient(r.address, failure_status(reply), reply)
+                for r, reply in zip(taken, replies_for, strict=True)
+            ]
             # The bounce is sealed before the audit head is locked: every
             # other audited write waits for that lock, and not for an fsync.
             report = None
@@ -229,11 +233,6 @@ class Quarantine:
             ),
             now,
         )
-
-
-def _code_and(reply: str) -> tuple[str, str]:
-    """(enhanced status code, reply) of a reply such as '550 5.7.1 <a>: why'."""
-    return reply.split()[1], reply
 
 
 class RetentionSweep:

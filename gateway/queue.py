@@ -24,7 +24,8 @@ from sqlmodel import Session, col, select
 
 from consent_registry.db import session_scope
 from consent_registry.models import QueueMessage, QueueRecipient
-from gateway.audit import AuditAction, AuditEntry, AuditLog, storable
+from gateway.audit import AuditAction, AuditEntry, AuditLog
+from gateway.headers import storable
 from policies.decision import Decision, Outcome
 from policies.retry import expired, next_attempt
 

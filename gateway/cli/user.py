@@ -36,14 +36,6 @@ def _user_json(user: UserView) -> dict[str, object]:
     }
 
 
-actor_option = click.option(
-    "--actor",
-    default=context.default_actor,
-    show_default="the OS user",
-    help="Who makes the change.",
-)
-
-
 @click.group()
 def user() -> None:
     """Staff accounts: who may send, and as which addresses."""
