@@ -13,6 +13,7 @@ must never have to guess what an address means.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -82,8 +83,13 @@ def _check_local(local: str) -> None:
         raise AddressError("the local part has a misplaced dot")
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_domain(domain: str) -> str:
-    """Lower-case IDNA A-label form of a domain, without a trailing dot."""
+    """Lower-case IDNA A-label form of a domain, without a trailing dot.
+
+    Cached: IDNA 2008 checks cost a tenth of a millisecond, every address
+    of every command is normalised, and a practice mails few domains.
+    """
     if domain.startswith("["):
         raise AddressError("address literals ([1.2.3.4]) are not accepted")
     name = domain[:-1] if domain.endswith(".") else domain

@@ -203,6 +203,20 @@ class QueueRecipient(SQLModel, table=True):
     certificate_id: int | None = None
 
 
+class RegistryGeneration(SQLModel, table=True):
+    """A counter that every change to the registry's tables moves (database triggers).
+
+    The gateway keeps registry facts in memory between messages and asks
+    this one row whether they still hold: triggers, not application code,
+    so a change by the CLI, another instance or plain SQL counts too.
+    """
+
+    __tablename__ = "registry_generation"
+
+    id: int = Field(default=1, primary_key=True)
+    value: int = 0
+
+
 class AuditHead(SQLModel, table=True):
     """The newest audit entry's number and hash: one row, locked by every append.
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import Connection, bindparam
+from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
 
 from consent_registry.address_book import parse_new_addresses, refuse_taken
@@ -141,23 +143,40 @@ def set_password(session: Session, username: str, password: str) -> UserView:
     return _view(session, user)
 
 
-def login_record(session: Session, login: str) -> LoginRecord | None:
-    """The account for an AUTH login: a user name, or one of the user's addresses."""
-    user = session.exec(select(User).where(User.username == login.lower())).first()
+_USER_COLUMNS = (
+    col(User.id),
+    col(User.username),
+    col(User.role),
+    col(User.password_hash),
+    col(User.disabled),
+)
+_USER_BY_NAME = select_columns(*_USER_COLUMNS).where(col(User.username) == bindparam("login"))
+_USER_BY_ADDRESS = (
+    select_columns(*_USER_COLUMNS)
+    .join(UserAddress, col(UserAddress.user_id) == col(User.id))
+    .where(col(UserAddress.address_key) == bindparam("key"))
+)
+_ADDRESS_KEYS = select_columns(col(UserAddress.address_key)).where(
+    col(UserAddress.user_id) == bindparam("user_id")
+)
+
+
+def login_record(connection: Connection, login: str) -> LoginRecord | None:
+    """The account for an AUTH login: a user name, or one of the user's addresses.
+
+    Prebuilt Core statements: this runs at every login and before every
+    delivery of patient mail.
+    """
+    user = connection.execute(_USER_BY_NAME, {"login": login.lower()}).first()
     if user is None and "@" in login:
         try:
             key = parse_address(login).key
         except AddressError:
             return None
-        user = session.exec(
-            select(User)
-            .join(UserAddress, col(UserAddress.user_id) == User.id)
-            .where(UserAddress.address_key == key)
-        ).first()
+        user = connection.execute(_USER_BY_ADDRESS, {"key": key}).first()
     if user is None:
         return None
-    assert user.id is not None
-    keys = session.exec(select(UserAddress.address_key).where(UserAddress.user_id == user.id)).all()
+    keys = connection.execute(_ADDRESS_KEYS, {"user_id": user.id}).scalars().all()
     sender = SenderFacts(username=user.username, role=Role(user.role), address_keys=frozenset(keys))
     return LoginRecord(sender=sender, password_hash=user.password_hash, disabled=user.disabled)
 

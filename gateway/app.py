@@ -18,9 +18,10 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from consent_registry.db import make_engine, migrate
-from gateway.audit import audit_key, audit_log
+from consent_registry.writes import GroupCommit
+from gateway.audit import AuditLog, audit_key
 from gateway.auth import Authenticator
-from gateway.crypto_at_rest import storage_key
+from gateway.crypto_at_rest import StorageKey, storage_key
 from gateway.delivery import DeliveryWorker
 from gateway.intake import Intake
 from gateway.mx import make_resolver
@@ -44,11 +45,18 @@ from policies.throttle import AuthThrottle
 
 log = logging.getLogger(__name__)
 
+# How long a stopping stage may take to finish its current step (one database call).
+STAGE_STOP_SECONDS = 30.0
+
 logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 @dataclass
 class InitReport:
+    """What ``initialise`` made and kept, and the keys it loaded (for the gateway)."""
+
+    storage_key: StorageKey
+    audit_key: bytes
     created: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
 
@@ -69,12 +77,12 @@ def tls_files(settings: Settings) -> tuple[Path, Path]:
 
 def initialise(settings: Settings) -> InitReport:
     """Data directory, storage key, dev certificate and schema, as needed."""
-    report = InitReport()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _, created = storage_key(settings)
-    report.key("storage", settings.storage_key is not None, created, settings.keys_dir)
-    _, created = audit_key(settings)
-    report.key("audit", settings.audit_key is not None, created, settings.keys_dir)
+    storage, storage_created = storage_key(settings)
+    audit, audit_created = audit_key(settings)
+    report = InitReport(storage, audit)
+    report.key("storage", settings.storage_key is not None, storage_created, settings.keys_dir)
+    report.key("audit", settings.audit_key is not None, audit_created, settings.keys_dir)
     cert, key = tls_files(settings)
     if settings.tls_cert is None and not (cert.exists() and key.exists()):
         create_dev_certificate(settings.tls_dir, settings.hostname)
@@ -127,25 +135,26 @@ class Gateway:
         self._limiters: list[ConnectionLimiter] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._engine: Engine | None = None
+        self._writes: GroupCommit | None = None
         self.worker: DeliveryWorker | None = None
         self.sweep: RetentionSweep | None = None
 
     async def start(self) -> None:
         settings = self.settings
         relay = build_relay(settings)
-        await asyncio.to_thread(initialise, settings)
+        initialised = await asyncio.to_thread(initialise, settings)
         engine = make_engine(settings.database_url)
         self._engine = engine
-        key, _ = storage_key(settings)
-        spool = open_spool(settings, engine, key)
-        audit = audit_log(settings)
-        queue = QueueStore(engine, settings.instance_name, settings.claim_lease, audit)
+        writes = self._writes = GroupCommit(engine)
+        spool = open_spool(settings, engine, initialised.storage_key)
+        audit = AuditLog(initialised.audit_key)
+        queue = QueueStore(engine, settings.instance_name, settings.claim_lease, audit, writes)
         await asyncio.to_thread(self._recover, spool, queue)
         retry = RetryPolicy(
             settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime
         )
         reports = Reports(audit, settings.hostname, settings.quarantine_retention)
-        intake = Intake(engine, spool, audit, reports, settings.hostname, self.wake)
+        intake = Intake(writes, spool, audit, reports, settings.hostname, self.wake)
         archive, signer = load_practice_keys(
             settings.smime_archive_cert, settings.smime_signing_cert, settings.smime_signing_key
         )
@@ -185,9 +194,14 @@ class Gateway:
     @staticmethod
     def _recover(spool: Spool, queue: QueueStore) -> None:
         released = queue.release_own_claims()
+        finished = queue.finished_among(spool.stored_ids())
+        for message_id in finished:
+            spool.remove(message_id)
         dropped = spool.recover(queue.open_message_ids())
         if released:
             log.info("released %d delivery claims left by an earlier run", released)
+        if finished:
+            log.info("removed %d spool files of messages already delivered", len(finished))
         if dropped:
             log.info("removed %d spool files that were never acknowledged", len(dropped))
 
@@ -262,13 +276,19 @@ class Gateway:
             log.warning("%d SMTP sessions were cut off after the shutdown grace period", sum(cut))
         for server in self._servers:
             await server.wait_closed()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for stage in (self.worker, self.sweep):
+            if stage is not None:
+                stage.stop()
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=STAGE_STOP_SECONDS)
+            for task in stuck:  # a database call that hangs: stop waiting for it
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.worker is not None:
             await self.worker.drain()
             await self.worker.close()
+        if self._writes is not None:
+            await asyncio.to_thread(self._writes.close)
         if self._engine is not None:
             self._engine.dispose()

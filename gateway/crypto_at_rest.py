@@ -11,11 +11,13 @@ shortened message.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import secrets
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -42,29 +44,29 @@ class StorageKey:
         self._wrap = AESGCM(key)
 
     def seal(self, plaintext: bytes, ref: str) -> bytes:
+        sealer = self.sealer(ref)
+        return sealer.update(plaintext) + sealer.finish()
+
+    def sealer(self, ref: str) -> Sealer:
+        """A sealer for content that arrives in pieces (a message as DATA streams in)."""
         data_key = AESGCM.generate_key(bit_length=256)
         nonce = secrets.token_bytes(_WRAP_NONCE)
         wrapped = nonce + self._wrap.encrypt(nonce, data_key, b"cgw-data-key|" + ref.encode())
-        parts = [MAGIC, wrapped]
-        aead = AESGCM(data_key)
-        chunks = [plaintext[i : i + CHUNK_SIZE] for i in range(0, len(plaintext), CHUNK_SIZE)] or [
-            b""
-        ]
-        for index, chunk in enumerate(chunks):
-            sealed = aead.encrypt(
-                _chunk_nonce(index, index == len(chunks) - 1), chunk, ref.encode()
-            )
-            parts.append(_LENGTH.pack(len(sealed)))
-            parts.append(sealed)
-        return b"".join(parts)
+        return Sealer(AESGCM(data_key), MAGIC + wrapped, ref)
 
     def open(self, blob: bytes, ref: str) -> bytes:
-        return b"".join(self._open_chunks(blob, ref))
+        return b"".join(self._open_chunks(io.BytesIO(blob), len(blob), ref))
 
-    def _open_chunks(self, blob: bytes, ref: str) -> Iterator[bytes]:
-        if blob[:4] != MAGIC or len(blob) < 4 + _WRAPPED_KEY:
+    def open_file(self, path: Path, ref: str) -> bytes:
+        """A sealed file's content, read a chunk at a time (never whole and sealed too)."""
+        with path.open("rb") as stream:
+            return b"".join(self._open_chunks(stream, os.fstat(stream.fileno()).st_size, ref))
+
+    def _open_chunks(self, stream: BinaryIO, total: int, ref: str) -> Iterator[bytes]:
+        head = stream.read(4 + _WRAPPED_KEY)
+        if head[:4] != MAGIC or len(head) < 4 + _WRAPPED_KEY:
             raise SealError(f"{ref}: not a sealed blob")
-        wrapped = blob[4 : 4 + _WRAPPED_KEY]
+        wrapped = head[4:]
         try:
             data_key = self._wrap.decrypt(
                 wrapped[:_WRAP_NONCE], wrapped[_WRAP_NONCE:], b"cgw-data-key|" + ref.encode()
@@ -72,15 +74,14 @@ class StorageKey:
         except InvalidTag:
             raise SealError(f"{ref}: wrong storage key, or the blob was changed") from None
         aead = AESGCM(data_key)
-        offset, index = 4 + _WRAPPED_KEY, 0
+        offset, index = len(head), 0
         while True:
-            if offset + _LENGTH.size > len(blob):
+            if offset + _LENGTH.size > total:
                 raise SealError(f"{ref}: truncated")
-            (length,) = _LENGTH.unpack_from(blob, offset)
-            offset += _LENGTH.size
-            sealed = blob[offset : offset + length]
-            offset += length
-            final = offset == len(blob)
+            (length,) = _LENGTH.unpack(stream.read(_LENGTH.size))
+            sealed = stream.read(length)
+            offset += _LENGTH.size + length
+            final = offset == total
             try:
                 yield aead.decrypt(_chunk_nonce(index, final), sealed, ref.encode())
             except InvalidTag:
@@ -88,6 +89,49 @@ class StorageKey:
             if final:
                 return
             index += 1
+
+
+class Sealer:
+    """Seals content piece by piece into the same format as ``StorageKey.seal``.
+
+    Only whole chunks leave, and the newest one is held back until more
+    content (or ``finish``) says whether it is the last: the final chunk must
+    be marked as such. Memory stays at about two chunks whatever the size.
+    """
+
+    def __init__(self, aead: AESGCM, preamble: bytes, ref: str) -> None:
+        self._aead = aead
+        self._pending = bytearray(preamble)  # sealed bytes not yet handed out
+        self._plain = bytearray()
+        self._ref = ref.encode()
+        self._index = 0
+
+    def update(self, data: bytes) -> bytes:
+        """Sealed bytes ready to be written (often none)."""
+        self._plain += data
+        whole = (len(self._plain) - 1) // CHUNK_SIZE * CHUNK_SIZE
+        if whole > 0:
+            with memoryview(self._plain) as view:
+                for start in range(0, whole, CHUNK_SIZE):
+                    self._seal(view[start : start + CHUNK_SIZE], final=False)
+            del self._plain[:whole]
+        return self._take()
+
+    def finish(self) -> bytes:
+        """The rest, ending with the chunk marked final."""
+        self._seal(bytes(self._plain), final=True)
+        self._plain.clear()
+        return self._take()
+
+    def _seal(self, chunk: bytes | memoryview, final: bool) -> None:
+        sealed = self._aead.encrypt(_chunk_nonce(self._index, final), chunk, self._ref)
+        self._pending += _LENGTH.pack(len(sealed)) + sealed
+        self._index += 1
+
+    def _take(self) -> bytes:
+        out = bytes(self._pending)
+        self._pending.clear()
+        return out
 
 
 def _chunk_nonce(index: int, final: bool) -> bytes:

@@ -49,9 +49,10 @@ from consent_registry import certificates, consents, patients, relationships, us
 from consent_registry.consents import ConsentTerms
 from consent_registry.db import make_engine, session_scope
 from gateway import registry_audit
-from gateway.app import Gateway, initialise, tls_files
+from gateway.app import Gateway, tls_files
 from gateway.audit import AuditEntry, AuditFilter, AuditLog, audit_log, entries
 from gateway.cli.output import table_lines
+from gateway.cli.queue import queue_store
 from gateway.headers import parse_fields, split_message
 from gateway.queue import DUE_STATES, QueueRow, QueueStore
 from gateway.settings import ListenAddress, Settings
@@ -514,7 +515,9 @@ async def _tour(out: Output, directory: Path, cleanup: contextlib.AsyncExitStack
     cleanup.push_async_callback(next_hop.stop)
     await next_hop.start()
     settings = demo_settings(directory, next_hop.port, next_hop.cert)
-    await asyncio.to_thread(initialise, settings)
+    gateway = Gateway(settings)  # starting it initialises the data directory
+    cleanup.push_async_callback(gateway.stop)
+    await gateway.start()
     engine = make_engine(settings.database_url)
     cleanup.callback(engine.dispose)
     password = secrets.token_urlsafe(18)
@@ -546,9 +549,6 @@ async def _tour(out: Output, directory: Path, cleanup: contextlib.AsyncExitStack
     out("  drsmith's password was generated for this demo.")
     out("")
 
-    gateway = Gateway(settings)
-    cleanup.push_async_callback(gateway.stop)
-    await gateway.start()
     submission = gateway.listeners[0].address
     out("2. The gateway and the practice's mail provider")
     out(f"  gateway   {submission}  submission: STARTTLS and login required")
@@ -562,7 +562,7 @@ async def _tour(out: Output, directory: Path, cleanup: contextlib.AsyncExitStack
     out("")
     _check_replies(sent)
 
-    store = QueueStore(engine, "cgw-demo", timedelta(0))
+    store = queue_store(engine)  # as the CLI reads it
     await _wait_for_deliveries(next_hop, store)
     out("4. What the next hop received")
     received = next_hop.handler.received

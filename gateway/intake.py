@@ -1,5 +1,9 @@
 """Accepting a message: stamp its header, spool it durably, queue it, audit it.
 
+The message is sealed into the spool's ``tmp`` directory while DATA arrives
+(``IncomingMessage``): only its header block is kept in memory, to be read
+and stamped, so ten 25 MB uploads cost megabytes, not hundreds of them.
+
 The order is the promise behind 250: the sealed file (and any report the
 sender is owed: a held notice, a bounce in bounce mode) is fsync'ed into the
 spool, then the queue rows and audit entries commit in one transaction, and
@@ -10,38 +14,156 @@ written and the client hears 451 (or 452 when the disk is full).
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import secrets
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from sqlalchemy import Engine
 from sqlmodel import Session
 
-from consent_registry.db import session_scope
+from consent_registry.writes import Writes
 from gateway import replies
 from gateway.audit import AuditAction, AuditEntry, AuditLog
 from gateway.bounce import FailedRecipient
-from gateway.headers import rewrite_header
+from gateway.headers import (
+    CRLF,
+    HeaderError,
+    HeaderField,
+    bare_line_ending,
+    parse_fields,
+    rewrite_header,
+)
 from gateway.queue import QueuedRecipient, QueueStore, new_message_id
 from gateway.reports import Reports
-from gateway.spool import Spool, SpoolFull
+from gateway.spool import Spool, SpoolFull, SpoolWriter
 from policies.decision import Decision, Outcome
 from policies.facts import SenderFacts
 
 log = logging.getLogger(__name__)
 
 
+# The header block is read whole (to check From and To, and to stamp it);
+# beyond this it is refused rather than held in memory. Ten times Postfix's
+# header_size_limit: real headers are a few kB.
+HEADER_LIMIT = 1 << 20
+_WRITE_SIZE = 1 << 16
+
+
+class HeaderTooLarge(HeaderError):
+    """The header block passed ``HEADER_LIMIT``."""
+
+
 class StorageFullError(Exception):
     """No room to store the message: the client should try again later."""
+
+
+class IncomingMessage:
+    """One message while its DATA arrives, line by line (dot-unstuffed, CRLF-ended).
+
+    The header block is kept until it ends, then stamped and written;
+    the body goes to the spool writer in 64 kB pieces. The first problem
+    (a bare CR or LF, an unusable header, a write that failed) stops the
+    writing; the rest of DATA is still read, and only checked for bare line
+    endings, which take precedence in the reply as they did before streaming.
+    """
+
+    def __init__(self, writer: SpoolWriter, stamp: Callable[[bytes], bytes]) -> None:
+        self.writer = writer
+        self._stamp = stamp
+        self._header: list[bytes] = []
+        self._header_size = 0
+        self._body = bytearray()
+        self._in_header = True
+        self.fields: list[HeaderField] = []
+        self.stamped_header = b""  # the header block as stored, with its empty line
+        self.line_ending: str | None = None  # "bare LF" / "bare CR"
+        self.header_error: HeaderError | None = None
+        self.fault: OSError | None = None
+
+    @property
+    def message_id(self) -> str:
+        return self.writer.message_id
+
+    @property
+    def spoiled(self) -> bool:
+        return bool(self.line_ending or self.header_error or self.fault)
+
+    def add(self, line: bytes) -> None:
+        if self.spoiled:
+            if self.line_ending is None:
+                self.line_ending = bare_line_ending(line)
+            return
+        if not self._in_header:
+            self._body += line
+            if len(self._body) >= _WRITE_SIZE:
+                self._write_body()
+        elif line == CRLF:
+            self._end_header()
+        else:
+            self._header_size += len(line)
+            if self._header_size > HEADER_LIMIT:
+                self._spoil(header_error=HeaderTooLarge("its header is larger than 1 MiB"))
+            else:
+                self._header.append(line)
+
+    def end(self) -> None:
+        """DATA is complete (a message without an empty line is all header)."""
+        if self._in_header and not self.spoiled:
+            self._end_header()
+        if self._body and not self.spoiled:
+            self._write_body()
+
+    def discard(self) -> None:
+        self.writer.discard()
+
+    def _end_header(self) -> None:
+        self._in_header = False
+        block = b"".join(self._header)
+        self._header.clear()
+        kind = bare_line_ending(block)
+        if kind is not None:
+            self._spoil(line_ending=kind)
+            return
+        try:
+            self.fields = parse_fields(block)
+            self.stamped_header = self._stamp(block)
+        except HeaderError as exc:
+            self._spoil(header_error=exc)
+            return
+        self._write(self.stamped_header)
+
+    def _write_body(self) -> None:
+        chunk = bytes(self._body)
+        self._body.clear()
+        kind = bare_line_ending(chunk)  # whole lines: a CR or LF not in a CRLF is bare
+        if kind is not None:
+            self._spoil(line_ending=kind)
+        else:
+            self._write(chunk)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+        except OSError as exc:
+            self._spoil(fault=exc)
+
+    def _spoil(
+        self,
+        line_ending: str | None = None,
+        header_error: HeaderError | None = None,
+        fault: OSError | None = None,
+    ) -> None:
+        self.line_ending, self.header_error, self.fault = line_ending, header_error, fault
+        self._header.clear()
+        self._body.clear()
+        self.writer.discard()  # give the disk space back now, not at the end of DATA
 
 
 class Intake:
     def __init__(
         self,
-        engine: Engine,
+        writes: Writes,
         spool: Spool,
         audit: AuditLog,
         reports: Reports,
@@ -49,7 +171,7 @@ class Intake:
         on_accepted: Callable[[], None],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.engine = engine
+        self.writes = writes
         self.spool = spool
         self.audit = audit
         self.reports = reports
@@ -57,12 +179,23 @@ class Intake:
         self.on_accepted = on_accepted
         self.clock = clock
 
+    def receive(self) -> IncomingMessage:
+        """A new message about to arrive (the spool file is created now: a spool
+        that cannot take it is answered before the client sends any data)."""
+        now = self.clock()
+        message_id = new_message_id(now)
+        try:
+            writer = self.spool.writer(message_id)
+        except SpoolFull as exc:
+            raise StorageFullError(str(exc)) from exc
+        return IncomingMessage(writer, lambda block: self._stamp(block, message_id, now))
+
     async def accept(
         self,
         sender: SenderFacts,
         mail_from: str,
         decided: Sequence[tuple[str, Decision]],
-        content: bytes,
+        message: IncomingMessage,
     ) -> str | None:
         """Store a message and the reports its sender is owed, all or nothing.
 
@@ -70,12 +203,14 @@ class Intake:
         ones in a notice and of refused ones (bounce mode) in a bounce.
         Returns the queue id, or None when every recipient was refused.
         """
-        now = self.clock()
-        message_id = new_message_id(now)
-        stamped = self._stamp(content, message_id, now)
+        if message.fault is not None:
+            if isinstance(message.fault, SpoolFull):
+                raise StorageFullError(str(message.fault)) from message.fault
+            raise message.fault
         kept = await asyncio.to_thread(
-            self._store, sender, message_id, mail_from, decided, stamped, now
+            self._store, sender, mail_from, decided, message, self.clock()
         )
+        message_id = message.message_id
         held = sum(d.outcome is Outcome.QUARANTINE for _, d in decided)
         refused = sum(d.outcome is Outcome.DENY for _, d in decided)
         log.info(
@@ -83,7 +218,7 @@ class Intake:
             message_id if kept else "-",
             mail_from,
             sender.username,
-            len(stamped),
+            message.writer.size,
             len(decided),
             held,
             refused,
@@ -92,7 +227,7 @@ class Intake:
         self.on_accepted()
         return message_id if kept else None
 
-    def _stamp(self, content: bytes, message_id: str, now: datetime) -> bytes:
+    def _stamp(self, header_block: bytes, message_id: str, now: datetime) -> bytes:
         # No client host name or address: patients need not learn the
         # practice's internal network (as Postfix's header privacy checks do).
         received = (
@@ -100,7 +235,7 @@ class Intake:
             f"\t{format_datetime(now)}\r\n"
         ).encode()
         return rewrite_header(
-            content,
+            header_block,
             prepend=[received],
             add_if_missing={
                 "Message-ID": f"<{message_id}.{secrets.token_hex(4)}@{self.hostname}>".encode(),
@@ -112,10 +247,9 @@ class Intake:
     def _store(
         self,
         sender: SenderFacts,
-        message_id: str,
         mail_from: str,
         decided: Sequence[tuple[str, Decision]],
-        content: bytes,
+        message: IncomingMessage,
         now: datetime,
     ) -> bool:
         kept = [(a, d) for a, d in decided if d.outcome is not Outcome.DENY]
@@ -125,31 +259,27 @@ class Intake:
             if d.outcome is Outcome.DENY
         ]
         held = [(a, d.sentence) for a, d in decided if d.outcome is Outcome.QUARANTINE]
+        message_id = message.message_id
         about = message_id if kept else "-"
+        header = message.stamped_header  # all a report quotes
         try:
             with self.spool.batch() as batch:
                 if kept:
-                    batch.store(message_id, content)
-                reports = []
-                if refused and mail_from:
-                    reports.append(
-                        self.reports.bounce(batch, mail_from, content, refused, about, now)
-                    )
-                if held and mail_from:
-                    reports.append(
-                        self.reports.held_notice(batch, mail_from, content, held, about, now)
-                    )
-                with session_scope(self.engine) as session:
+                    batch.adopt(message.writer)
+                reports = self.reports.owed(
+                    batch, mail_from, header, about, now, failed=refused, held=held
+                )
+
+                def queue_it(session: Session) -> None:
                     if kept:
-                        self._enqueue(session, sender, message_id, mail_from, kept, content, now)
-                    for report in reports:
-                        self.reports.enqueue(session, report, now)
+                        self._enqueue(
+                            session, sender, message_id, mail_from, kept, message.writer.size, now
+                        )
+                    self.reports.enqueue(session, reports, now)
+
+                self.writes.run(queue_it)
         except SpoolFull as exc:
             raise StorageFullError(str(exc)) from exc
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFullError(str(exc)) from exc
-            raise
         return bool(kept)
 
     def _enqueue(
@@ -159,13 +289,11 @@ class Intake:
         message_id: str,
         mail_from: str,
         kept: Sequence[tuple[str, Decision]],
-        content: bytes,
+        size: int,
         now: datetime,
     ) -> None:
         queued = [QueuedRecipient.decided(address, decision) for address, decision in kept]
-        QueueStore.enqueue(
-            session, message_id, mail_from, sender.username, len(content), queued, now
-        )
+        QueueStore.enqueue(session, message_id, mail_from, sender.username, size, queued, now)
         for address, decision in kept:
             held = decision.outcome is Outcome.QUARANTINE
             self.audit.record(
@@ -186,12 +314,8 @@ class Intake:
     def _audit_refusal(
         self, sender: SenderFacts, recipient: str, decision: Decision, now: datetime
     ) -> None:
-        with session_scope(self.engine) as session:
-            self.audit.record(
-                session,
-                _decision_entry(AuditAction.MESSAGE_DENIED, sender, recipient, decision),
-                now,
-            )
+        entry = _decision_entry(AuditAction.MESSAGE_DENIED, sender, recipient, decision)
+        self.writes.run(lambda session: self.audit.record(session, entry, now))
 
 
 def _decision_entry(

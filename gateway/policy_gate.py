@@ -10,11 +10,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine
-from sqlmodel import Session
 
 from consent_registry.addresses import Address, AddressError, parse_address
-from consent_registry.recipient_facts import patients_by_key, recipient_facts
-from consent_registry.users import login_record
+from consent_registry.facts_cache import CachedRegistry, FactsCache
 from policies.decision import Decision, Outcome, Reason
 from policies.engine import decide_exposure, decide_recipient
 from policies.facts import PolicySettings, SenderFacts
@@ -29,15 +27,22 @@ class PolicyGate:
         engine: Engine,
         settings: PolicySettings,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        cache: FactsCache | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.clock = clock
+        self.cache = cache or FactsCache()
 
     def decide(self, sender: SenderFacts, addresses: Sequence[Address]) -> list[Decision]:
         """One decision per address, from one read of the registry (blocking)."""
-        with Session(self.engine) as session:
-            facts = recipient_facts(session, addresses)
+        with self.engine.connect() as connection:
+            return self._decide(self.cache.on(connection), sender, addresses)
+
+    def _decide(
+        self, registry: CachedRegistry, sender: SenderFacts, addresses: Sequence[Address]
+    ) -> list[Decision]:
+        facts = registry.recipient_facts(addresses)
         now = self.clock()
         return [decide_recipient(sender, f, self.settings, now) for f in facts]
 
@@ -45,25 +50,29 @@ class PolicyGate:
         """Patient recipients decided again, as the registry stands now (blocking).
 
         Run before every delivery attempt: a consent revoked or a relationship
-        ended while a message waited in the queue stops it from leaving.
+        ended while a message waited in the queue stops it from leaving. With
+        the registry unchanged since the last look, this reads one row.
         """
-        with Session(self.engine) as session:
-            found = login_record(session, username) if username else None
         parsed = [parse_address(a) for a in addresses]
-        if found is None:
-            return dict.fromkeys(addresses, _SENDER_GONE)
-        return dict(zip(addresses, self.decide(found.sender, parsed), strict=True))
+        with self.engine.connect() as connection:
+            registry = self.cache.on(connection)
+            found = registry.login_record(username) if username else None
+            if found is None:
+                return dict.fromkeys(addresses, _SENDER_GONE)
+            decided = self._decide(registry, found.sender, parsed)
+        return dict(zip(addresses, decided, strict=True))
 
     def exposure(self, recipient_patients: frozenset[int], shown: Sequence[str]) -> Decision | None:
         """The header rule for the addresses shown in To and Cc (blocking)."""
         if not recipient_patients:
             return None
-        keys = []
+        parsed = []
         for text in shown:
             try:
-                keys.append(parse_address(text).key)
+                parsed.append(parse_address(text))
             except AddressError:
                 continue
-        with Session(self.engine) as session:
-            shown_patients = frozenset(patients_by_key(session, keys).values())
+        with self.engine.connect() as connection:
+            facts = self.cache.on(connection).recipient_facts(parsed)
+        shown_patients = frozenset(f.patient.patient_id for f in facts if f.patient is not None)
         return decide_exposure(recipient_patients, shown_patients)

@@ -177,16 +177,19 @@ class Quarantine:
             ]
             # The bounce is sealed before the audit head is locked: every
             # other audited write waits for that lock, and not for an fsync.
-            report = None
-            if message.mail_from and not message.is_bounce:
-                report = self.reports.bounce(
-                    batch, message.mail_from, original, failed, message_id, now, message.received_at
-                )
+            reports = self.reports.owed(
+                batch,
+                "" if message.is_bounce else message.mail_from,
+                original,
+                message_id,
+                now,
+                failed=failed,
+                arrived=message.received_at,
+            )
             for row, rejected in zip(taken, failed, strict=True):
                 QueueStore.reject(session, row, rejected.diagnostic, now)
                 self._audit(session, AuditAction.MESSAGE_REJECTED, actor, row, None, now, detail)
-            if report is not None:
-                self.reports.enqueue(session, report, now)
+            self.reports.enqueue(session, reports, now)
             complete = QueueStore.close_if_complete(session, message_id, now)
         if complete:
             try:
@@ -246,6 +249,12 @@ class RetentionSweep:
         self.quarantine = quarantine
         self.retention = retention
         self._wake = asyncio.Event()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """End ``run`` after its current step (see ``DeliveryWorker.stop``)."""
+        self._stopping = True
+        self._wake.set()
 
     def wake(self) -> None:
         """Something was held. Only a retention shorter than the sweep's own
@@ -254,7 +263,7 @@ class RetentionSweep:
             self._wake.set()
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             timeout = SWEEP_SECONDS
             try:

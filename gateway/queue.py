@@ -12,18 +12,21 @@ next hop's 250 and the update below.
 from __future__ import annotations
 
 import enum
+import functools
 import random
 import secrets
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Connection, Engine, Update, bindparam, exists, func, insert, update
+from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
 
 from consent_registry.db import session_scope
 from consent_registry.models import QueueMessage, QueueRecipient
+from consent_registry.writes import DirectWrites, Writes
 from gateway.audit import AuditAction, AuditEntry, AuditLog
 from gateway.headers import storable
 from policies.decision import Decision, Outcome
@@ -46,6 +49,69 @@ class RecipientState(enum.StrEnum):
 DUE_STATES = (RecipientState.QUEUED.value, RecipientState.DEFERRED.value)
 # A message's sealed content stays in the spool while any recipient is open.
 OPEN_STATES = (*DUE_STATES, RecipientState.QUARANTINED.value)
+# Claiming due recipients, built once (claims run for every batch delivered).
+_DUE = (
+    select_columns(
+        col(QueueRecipient.id),
+        col(QueueRecipient.message_id),
+        col(QueueRecipient.address),
+        col(QueueRecipient.attempts),
+        col(QueueRecipient.protection),
+        col(QueueRecipient.certificate_id),
+        col(QueueRecipient.patient_id),
+        col(QueueRecipient.since),
+    )
+    .where(col(QueueRecipient.state).in_(DUE_STATES))
+    .where(col(QueueRecipient.next_attempt_at) <= bindparam("now"))
+    .where(
+        (col(QueueRecipient.claimed_until).is_(None))
+        | (col(QueueRecipient.claimed_until) < bindparam("now"))
+    )
+    .order_by(col(QueueRecipient.next_attempt_at))
+    .limit(bindparam("limit"))
+)
+# Other instances skip rows one has locked instead of waiting for them.
+_DUE_FOR_UPDATE = _DUE.with_for_update(skip_locked=True)
+_TAKE = (
+    update(QueueRecipient)
+    .where(col(QueueRecipient.id).in_(bindparam("ids", expanding=True)))
+    .values(claimed_by=bindparam("by"), claimed_until=bindparam("until"))
+)
+_CLAIMED_MESSAGES = select_columns(
+    col(QueueMessage.id),
+    col(QueueMessage.mail_from),
+    col(QueueMessage.received_at),
+    col(QueueMessage.is_bounce),
+    col(QueueMessage.username),
+    col(QueueMessage.size),
+).where(col(QueueMessage.id).in_(bindparam("ids", expanding=True)))
+# Closing a message whose last recipient is settled.
+_LOCK_MESSAGE = (
+    select_columns(col(QueueMessage.id))
+    .where(col(QueueMessage.id) == bindparam("id"))
+    .with_for_update()
+)
+_CLOSE = (
+    update(QueueMessage)
+    .where(col(QueueMessage.id) == bindparam("message_id"))
+    .where(
+        ~exists()
+        .where(col(QueueRecipient.message_id) == bindparam("message_id"))
+        .where(col(QueueRecipient.state).in_(OPEN_STATES))
+    )
+    .values(done_at=bindparam("now"))
+)
+
+
+@functools.cache
+def _settling(columns: frozenset[str]) -> Update:
+    """The UPDATE that settles one recipient, for the columns a verdict sets
+    (one per kind of verdict, built once: building it cost more than running it)."""
+    return (
+        update(QueueRecipient)
+        .where(col(QueueRecipient.id) == bindparam("row_id"))
+        .values({name: bindparam(f"new_{name}") for name in sorted(columns)})
+    )
 
 
 class Verdict(enum.StrEnum):
@@ -106,6 +172,7 @@ class ClaimedMessage:
     recipients: tuple[ClaimedRecipient, ...]
     is_bounce: bool = False
     username: str | None = None
+    size: int = 0  # octets as stored (what delivering it will hold in memory)
 
 
 @dataclass(frozen=True)
@@ -163,12 +230,19 @@ class QueueRow:
 
 class QueueStore:
     def __init__(
-        self, engine: Engine, instance: str, lease: timedelta, audit: AuditLog | None = None
+        self,
+        engine: Engine,
+        instance: str,
+        lease: timedelta,
+        audit: AuditLog | None = None,
+        writes: Writes | None = None,
     ) -> None:
         self.engine = engine
         self.instance = instance
         self.lease = lease
         self.audit = audit
+        # The gateway's claims and results go through its group commit.
+        self.writes = writes or DirectWrites(engine)
 
     @staticmethod
     def enqueue(
@@ -181,33 +255,47 @@ class QueueStore:
         now: datetime,
         is_bounce: bool = False,
     ) -> None:
-        """Add a message and its recipients in the caller's transaction."""
-        session.add(
-            QueueMessage(
-                id=message_id,
-                mail_from=mail_from,
-                username=username,
-                size=size,
-                received_at=now,
-                is_bounce=is_bounce,
-            )
+        """Add a message and its recipients in the caller's transaction.
+
+        Core inserts (two statements, however many recipients): this runs for
+        every message accepted and every report, where the ORM's unit of
+        work cost more than the inserts.
+        """
+        connection = session.connection()
+        connection.execute(
+            insert(QueueMessage),
+            [
+                {
+                    "id": message_id,
+                    "mail_from": mail_from,
+                    "username": username,
+                    "size": size,
+                    "received_at": now,
+                    "is_bounce": is_bounce,
+                }
+            ],
         )
-        for rcpt in recipients:
-            state = RecipientState.QUARANTINED if rcpt.quarantined else RecipientState.QUEUED
-            session.add(
-                QueueRecipient(
-                    message_id=message_id,
-                    address=rcpt.address,
-                    state=state.value,
-                    next_attempt_at=now,
-                    updated_at=now,
-                    since=now,
-                    protection=rcpt.protection,
-                    reason=rcpt.reason,
-                    patient_id=rcpt.patient_id,
-                    certificate_id=rcpt.certificate_id,
-                )
-            )
+        connection.execute(
+            insert(QueueRecipient),
+            [
+                {
+                    "message_id": message_id,
+                    "address": rcpt.address,
+                    "state": (
+                        RecipientState.QUARANTINED if rcpt.quarantined else RecipientState.QUEUED
+                    ).value,
+                    "next_attempt_at": now,
+                    "updated_at": now,
+                    "since": now,
+                    "protection": rcpt.protection,
+                    "reason": rcpt.reason,
+                    "patient_id": rcpt.patient_id,
+                    "certificate_id": rcpt.certificate_id,
+                    "attempts": 0,
+                }
+                for rcpt in recipients
+            ],
+        )
 
     def release_own_claims(self) -> int:
         """At start: claims this instance held before it died are free again."""
@@ -227,55 +315,45 @@ class QueueStore:
         """
         if messages <= 0:
             return []
-        with session_scope(self.engine) as session:
-            query = (
-                select(QueueRecipient)
-                .where(col(QueueRecipient.state).in_(DUE_STATES))
-                .where(col(QueueRecipient.next_attempt_at) <= now)
-                .where(
-                    (col(QueueRecipient.claimed_until).is_(None))
-                    | (col(QueueRecipient.claimed_until) < now)
+        return self.writes.run(lambda session: self._claim(session, now, messages))
+
+    def _claim(self, session: Session, now: datetime, messages: int) -> list[ClaimedMessage]:
+        connection = session.connection()
+        due = _DUE_FOR_UPDATE if connection.dialect.name == "postgresql" else _DUE
+        rows = connection.execute(due, {"now": now, "limit": messages * 8}).all()
+        chosen = set(list(dict.fromkeys(row.message_id for row in rows))[:messages])
+        rows = [row for row in rows if row.message_id in chosen]
+        if not rows:
+            return []
+        connection.execute(
+            _TAKE,
+            {"ids": [row.id for row in rows], "by": self.instance, "until": now + self.lease},
+        )
+        by_message: dict[str, list[ClaimedRecipient]] = defaultdict(list)
+        for row in rows:
+            by_message[row.message_id].append(
+                ClaimedRecipient(
+                    row.id,
+                    row.address,
+                    row.attempts,
+                    row.protection,
+                    row.certificate_id,
+                    row.patient_id,
+                    row.since,
                 )
-                .order_by(col(QueueRecipient.next_attempt_at))
-                .limit(messages * 8)
             )
-            if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            rows = session.exec(query).all()
-            chosen = list(dict.fromkeys(row.message_id for row in rows))[:messages]
-            by_message: dict[str, list[ClaimedRecipient]] = defaultdict(list)
-            for row in (r for r in rows if r.message_id in chosen):
-                row.claimed_by = self.instance
-                row.claimed_until = now + self.lease
-                session.add(row)
-                assert row.id is not None
-                by_message[row.message_id].append(
-                    ClaimedRecipient(
-                        row.id,
-                        row.address,
-                        row.attempts,
-                        row.protection,
-                        row.certificate_id,
-                        row.patient_id,
-                        row.since,
-                    )
-                )
-            if not by_message:
-                return []
-            found = session.exec(
-                select(QueueMessage).where(col(QueueMessage.id).in_(list(by_message)))
-            ).all()
-            return [
-                ClaimedMessage(
-                    m.id,
-                    m.mail_from,
-                    m.received_at,
-                    tuple(by_message[m.id]),
-                    m.is_bounce,
-                    m.username,
-                )
-                for m in found
-            ]
+        return [
+            ClaimedMessage(
+                m.id,
+                m.mail_from,
+                m.received_at,
+                tuple(by_message[m.id]),
+                m.is_bounce,
+                m.username,
+                m.size,
+            )
+            for m in connection.execute(_CLAIMED_MESSAGES, {"ids": list(by_message)})
+        ]
 
     def finish(
         self,
@@ -289,14 +367,42 @@ class QueueStore:
 
         ``within`` adds to the same transaction (the bounce for these results).
         """
-        with session_scope(self.engine) as session:
-            for claimed_rcpt in claimed.recipients:
-                row = session.get(QueueRecipient, claimed_rcpt.row_id)
-                assert row is not None
-                self._apply(session, row, results[claimed_rcpt.address], claimed, now, retry)
-            if within is not None:
-                within(session)
-            return self.close_if_complete(session, claimed.message_id, now)
+        return self.writes.run(
+            lambda session: self._finish(session, claimed, results, now, retry, within)
+        )
+
+    def _finish(
+        self,
+        session: Session,
+        claimed: ClaimedMessage,
+        results: dict[str, RecipientResult],
+        now: datetime,
+        retry: RetryPolicy,
+        within: Callable[[Session], None] | None,
+    ) -> bool:
+        # What the claim read still holds: the rows are ours for the lease.
+        connection = session.connection()
+        for rcpt in claimed.recipients:
+            result = results[rcpt.address]
+            action = self._apply(connection, rcpt.row_id, rcpt.attempts, result, now, retry)
+            assert self.audit is not None, "a delivering queue writes the audit log"
+            self.audit.record(
+                session,
+                AuditEntry(
+                    action=action,
+                    actor="gateway",
+                    message_id=claimed.message_id,
+                    queue_id=rcpt.row_id,
+                    patient_id=rcpt.patient_id,
+                    recipient=rcpt.address,
+                    reason=result.reason,
+                    detail=storable(result.reply),
+                ),
+                now,
+            )
+        if within is not None:
+            within(session)
+        return self.close_if_complete(session, claimed.message_id, now)
 
     @staticmethod
     def close_if_complete(session: Session, message_id: str, now: datetime) -> bool:
@@ -306,68 +412,53 @@ class QueueStore:
         two open recipients of one message (a delivery and a reject) then
         run one after the other, and the second sees the first's change.
         """
-        message = session.exec(
-            select(QueueMessage).where(QueueMessage.id == message_id).with_for_update()
-        ).one()
-        open_row = session.exec(
-            select(QueueRecipient.id)
-            .where(QueueRecipient.message_id == message_id)
-            .where(col(QueueRecipient.state).in_(OPEN_STATES))
-        ).first()
-        if open_row is not None:
-            return False
-        message.done_at = now
-        session.add(message)
-        return True
+        session.flush()  # recipients the caller changed through the ORM count as changed
+        connection = session.connection()
+        if connection.dialect.name == "postgresql":  # SQLite's writers take turns anyway
+            connection.execute(_LOCK_MESSAGE, {"id": message_id})
+        closed = connection.execute(_CLOSE, {"message_id": message_id, "now": now})
+        return bool(closed.rowcount)
 
+    @staticmethod
     def _apply(
-        self,
-        session: Session,
-        row: QueueRecipient,
+        connection: Connection,
+        row_id: int,
+        attempts: int,
         result: RecipientResult,
-        claimed: ClaimedMessage,
         now: datetime,
         retry: RetryPolicy,
-    ) -> None:
+    ) -> AuditAction:
+        """One recipient's settled result, as one UPDATE; the audit action it is."""
         verdict, reply = result.verdict, storable(result.reply)
-        row.attempts += 1
-        row.last_error = None if verdict is Verdict.DELIVERED else reply
-        row.claimed_by = None
-        row.claimed_until = None
-        row.updated_at = now
+        values: dict[str, object] = {
+            "attempts": attempts + 1,
+            "last_error": None if verdict is Verdict.DELIVERED else reply,
+            "claimed_by": None,
+            "claimed_until": None,
+            "updated_at": now,
+        }
         if verdict is Verdict.DEFERRED:
-            row.state = RecipientState.DEFERRED.value
-            row.next_attempt_at = next_attempt(
-                row.attempts, now, retry.backoff, retry.backoff_max, random.random()
+            values["state"] = RecipientState.DEFERRED.value
+            values["next_attempt_at"] = next_attempt(
+                attempts + 1, now, retry.backoff, retry.backoff_max, random.random()
             )
             action = AuditAction.MESSAGE_DEFERRED
         elif verdict is Verdict.DELIVERED:
-            row.state = RecipientState.DELIVERED.value
+            values["state"] = RecipientState.DELIVERED.value
             action = AuditAction.MESSAGE_DELIVERED
         elif verdict is Verdict.HELD:
-            row.state = RecipientState.QUARANTINED.value
-            row.reason = result.reason
-            row.since = now
+            values["state"] = RecipientState.QUARANTINED.value
+            values["reason"] = result.reason
+            values["since"] = now
             action = AuditAction.MESSAGE_QUARANTINED
         else:
-            row.state = RecipientState.FAILED.value
+            values["state"] = RecipientState.FAILED.value
             action = AuditAction.MESSAGE_FAILED
-        session.add(row)
-        assert self.audit is not None, "a delivering queue writes the audit log"
-        self.audit.record(
-            session,
-            AuditEntry(
-                action=action,
-                actor="gateway",
-                message_id=claimed.message_id,
-                queue_id=row.id,
-                patient_id=row.patient_id,
-                recipient=row.address,
-                reason=result.reason,
-                detail=reply,
-            ),
-            now,
+        connection.execute(
+            _settling(frozenset(values)),
+            {"row_id": row_id, **{f"new_{name}": value for name, value in values.items()}},
         )
+        return action
 
     @staticmethod
     def take_held(session: Session, message_id: str) -> list[QueueRecipient]:
@@ -462,6 +553,26 @@ class QueueStore:
         with Session(self.engine) as session:
             ids = session.exec(select(QueueMessage.id).where(col(QueueMessage.done_at).is_(None)))
             return set(ids.all())
+
+    def finished_among(self, message_ids: Iterable[str]) -> set[str]:
+        """Which of these messages are complete: their spool copies may go at once.
+
+        A copy outlives its message only when the process died between the
+        commit that finished it and the removal; nothing can still need it.
+        """
+        wanted = list(message_ids)
+        finished: set[str] = set()
+        with Session(self.engine) as session:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                finished.update(
+                    session.exec(
+                        select(QueueMessage.id)
+                        .where(col(QueueMessage.id).in_(chunk))
+                        .where(col(QueueMessage.done_at).is_not(None))
+                    ).all()
+                )
+        return finished
 
     def next_due(self) -> datetime | None:
         with Session(self.engine) as session:

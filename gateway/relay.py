@@ -16,7 +16,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -105,7 +105,7 @@ class SmtpRelay:
         tls_context: ssl.SSLContext,
         local_hostname: str,
         timeout: float,
-        pool_size: int = 8,
+        pool_size: int = 16,  # one for each delivery in flight (DELIVERY_CONCURRENCY)
         max_idle: float = 30.0,
     ) -> None:
         self.target = target
@@ -187,25 +187,89 @@ async def transaction(
     """MAIL, RCPT, DATA on a ready connection: what the next hop said per recipient.
 
     Connection-level failures propagate; the caller decides whether another
-    host is worth trying.
+    host is worth trying. A refusal resets the envelope (RSET), so the
+    connection can carry the next message.
     """
     options = _mail_options(mail_from, recipients, content)
+    encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+    if client.supports_extension("size"):
+        options.insert(0, f"SIZE={len(content)}")
+    results: dict[str, RecipientResult] = {}
     try:
-        refused, reply = await client.sendmail(mail_from, recipients, content, mail_options=options)
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        return {
-            r.recipient: RecipientResult(verdict_for(r.code), f"{r.code} {r.message}")
-            for r in exc.recipients
-        }
+        await client.mail(mail_from, options=options, encoding=encoding)
+        for recipient in recipients:
+            try:
+                await client.rcpt(recipient, encoding=encoding)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                results[recipient] = RecipientResult(
+                    verdict_for(exc.code), f"{exc.code} {exc.message}"
+                )
+        if len(results) == len(recipients):
+            await _reset(client)
+            return results
+        reply = await send_data(client, content)
     except aiosmtplib.SMTPResponseException as exc:
-        result = RecipientResult(verdict_for(exc.code), f"{exc.code} {exc.message}")
-        return dict.fromkeys(recipients, result)
-    results = {r: RecipientResult(Verdict.DELIVERED, f"250 {reply}") for r in recipients}
-    for address, response in refused.items():
-        results[address] = RecipientResult(
-            verdict_for(response.code), f"{response.code} {response.message}"
-        )
-    return results
+        await _reset(client)
+        failed = RecipientResult(verdict_for(exc.code), f"{exc.code} {exc.message}")
+        return {r: results.get(r, failed) for r in recipients}
+    delivered = RecipientResult(Verdict.DELIVERED, f"250 {reply}")
+    return {r: results.get(r, delivered) for r in recipients}
+
+
+async def send_data(client: aiosmtplib.SMTP, content: bytes) -> str:
+    """DATA, written in 64 kB pieces, each once the connection took the last one.
+
+    aiosmtplib's own DATA copies the message three times and hands all of it
+    to the TLS layer at once, which holds it twice more: five copies of a
+    25 MB message. Here the message is held once. ``content`` has CRLF line
+    endings only (the gateway refuses anything else and writes nothing else).
+    """
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        for piece in dot_stuffed(content):
+            protocol.write(piece)
+            await protocol._drain_helper()  # stdlib's flow control, which aiosmtplib carries
+        protocol.write(b".\r\n")
+        done = await protocol.read_response(timeout=client.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
+        client.close()  # mid-message: the connection cannot carry another one
+        raise
+    if done.code != 250:
+        raise aiosmtplib.SMTPDataError(done.code, done.message)
+    return done.message
+
+
+_PIECE = 1 << 16
+
+
+def dot_stuffed(content: bytes) -> Iterator[bytes]:
+    """``content`` with RFC 5321 4.5.2 transparency, in pieces, ending in CRLF.
+
+    A line that starts with a dot gets a second one, also where a line
+    starts exactly at a piece's boundary.
+    """
+    at_line_start = True
+    for start in range(0, len(content), _PIECE):
+        piece = content[start : start + _PIECE].replace(b"\n.", b"\n..")
+        if at_line_start and piece.startswith(b"."):
+            piece = b"." + piece
+        at_line_start = piece.endswith(b"\n")
+        yield piece
+    if content and not content.endswith(b"\r\n"):
+        yield b"\r\n"
+
+
+async def _reset(client: aiosmtplib.SMTP) -> None:
+    """RSET after a refusal; a connection that fails it is closed, not reused."""
+    try:
+        await client.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        client.close()
 
 
 def _mail_options(mail_from: str, recipients: Sequence[str], content: bytes) -> list[str]:

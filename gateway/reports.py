@@ -43,6 +43,28 @@ class Reports:
         self.hostname = hostname
         self.retention = retention
 
+    def owed(
+        self,
+        batch: SpoolBatch,
+        sender: str,
+        original: bytes,
+        about: str,
+        now: datetime,
+        failed: Sequence[FailedRecipient] = (),
+        held: Sequence[tuple[str, str]] = (),
+        arrived: datetime | None = None,
+    ) -> list[Report]:
+        """What ``sender`` is owed about a message: a bounce for ``failed``, a
+        notice for ``held``; nothing for the null sender (no report on a report)."""
+        if not sender:
+            return []
+        reports = []
+        if failed:
+            reports.append(self.bounce(batch, sender, original, failed, about, now, arrived))
+        if held:
+            reports.append(self.held_notice(batch, sender, original, held, about, now))
+        return reports
+
     def bounce(
         self,
         batch: SpoolBatch,
@@ -86,8 +108,12 @@ class Reports:
         batch.store(report_id, content)
         return Report(report_id, sender, about, action, len(content))
 
-    def enqueue(self, session: Session, report: Report, now: datetime) -> None:
-        """The report's queue row and audit entry, in the caller's transaction."""
+    def enqueue(self, session: Session, reports: Sequence[Report], now: datetime) -> None:
+        """The reports' queue rows and audit entries, in the caller's transaction."""
+        for report in reports:
+            self._enqueue(session, report, now)
+
+    def _enqueue(self, session: Session, report: Report, now: datetime) -> None:
         QueueStore.enqueue(
             session,
             report.report_id,

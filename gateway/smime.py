@@ -71,6 +71,7 @@ def encrypt(
         builder = builder.add_recipient(certificate)
     builder = builder.set_content_encryption_algorithm(algorithms.AES256)
     der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    del builder, inner  # a large message is held once less while it is encoded
     outer = [
         f.raw
         for f in fields
@@ -85,9 +86,23 @@ def encrypt(
         b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name=smime.p7m\r\n",
         b"Content-Transfer-Encoding: base64\r\n",
         b"Content-Disposition: attachment; filename=smime.p7m\r\n",
+        CRLF,
     ]
-    body = b"".join(
-        binascii.b2a_base64(der[i : i + _LINE], newline=False) + CRLF
-        for i in range(0, len(der), _LINE)
-    )
-    return b"".join(outer) + CRLF + body
+    encoded = bytearray(b"".join(outer))
+    _append_base64_lines(encoded, der)
+    return bytes(encoded)
+
+
+def _append_base64_lines(out: bytearray, data: bytes) -> None:
+    """``data`` in base64, 76 characters and CRLF per line, appended to ``out``.
+
+    Encoded a block of lines at a time and then cut into lines, into one
+    buffer: a 25 MB message is not held again as a list of 440,000 lines.
+    """
+    width = _LINE * 4 // 3
+    block = _LINE * 1024
+    with memoryview(data) as view:
+        for start in range(0, len(data), block):
+            text = binascii.b2a_base64(view[start : start + block], newline=False)
+            out += CRLF.join([text[line : line + width] for line in range(0, len(text), width)])
+            out += CRLF

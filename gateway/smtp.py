@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from consent_registry.addresses import Address, AddressError, parse_address
 from gateway import replies
@@ -27,19 +27,18 @@ from gateway.auth import Authenticator
 from gateway.headers import (
     HeaderError,
     HeaderField,
-    bare_line_ending,
-    parse_fields,
     sender_addresses,
     shown_addresses,
-    split_message,
 )
-from gateway.intake import Intake, StorageFullError
+from gateway.intake import HeaderTooLarge, IncomingMessage, Intake, StorageFullError
 from gateway.policy_gate import PolicyGate
 from policies.decision import Decision, Outcome
 from policies.engine import sender_owns
 from policies.facts import SenderFacts
 
 log = logging.getLogger(__name__)
+
+_LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"  # aiosmtpd's words
 
 
 class ConnectionLimiter:
@@ -83,12 +82,14 @@ class ConnectionLimiter:
 
 
 class SubmissionEnvelope(Envelope):
-    """aiosmtpd's envelope plus the policy's decision for each recipient."""
+    """aiosmtpd's envelope plus the policy's decision for each recipient,
+    and the message (streamed into the spool) instead of ``content``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.recipient_keys: set[str] = set()
         self.decisions: dict[str, Decision] = {}
+        self.message: IncomingMessage | None = None
 
 
 class SubmissionProtocol(SMTP):
@@ -212,6 +213,86 @@ class SubmissionProtocol(SMTP):
         finally:
             self._in_ehlo = False
 
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, streaming: each line goes to the spool as it arrives.
+
+        aiosmtpd keeps every line, then joins and copies them: about four
+        times the message in memory per session. Here a session holds its
+        header block and 64 kB of body at most. The checks, the limits and
+        their replies are aiosmtpd's.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, SubmissionEnvelope)
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        assert isinstance(self.event_handler, SubmissionHandler)
+        try:
+            message = self.event_handler.intake.receive()
+        except (StorageFullError, OSError) as exc:
+            # As after a 4xx at the end of DATA, the transaction is over.
+            log.error("cannot create a spool file: %s", exc)
+            self.envelope = self._create_envelope()
+            full = isinstance(exc, StorageFullError)
+            await self.push(replies.STORAGE_FULL if full else replies.TEMPORARY_FAULT)
+            return
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            refusal = await self._receive(message)
+            if refusal is not None:
+                await self.push(refusal)
+                self.envelope = self._create_envelope()
+                return
+            envelope.message = message
+            status = await self._call_handler_hook("DATA")
+            self.envelope = self._create_envelope()
+            await self.push(status)
+        finally:
+            message.discard()  # a no-op once the spool adopted it
+
+    async def _receive(self, message: IncomingMessage) -> str | None:
+        """Read DATA up to the lone dot; a refusal when a limit was passed.
+
+        Past a limit the rest is still read (and dropped), so that the reply
+        comes after the data, as RFC 5321 4.2.5 implies. The tail of an
+        overlong line is never taken for the lone dot, even when it is one.
+        """
+        limit = self.data_size_limit
+        size, refusal, mid_line = 0, None, False
+        while self.transport is not None:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                self._writer.close()  # the connection was lost during DATA
+                raise
+            except asyncio.LimitOverrunError as exc:
+                line = await self._reader.read(exc.consumed)
+            if not mid_line and line == b".\r\n":
+                break
+            mid_line = not line.endswith(b"\r\n")
+            size += len(line)
+            if refusal is not None:
+                continue
+            # In aiosmtpd's order: a line cut at the reader's limit, the size, a long line.
+            if mid_line:
+                refusal = _LINE_TOO_LONG
+            elif limit and size > limit:
+                refusal = "552 Error: Too much mail data"
+            elif len(line) > self.line_length_limit:
+                refusal = _LINE_TOO_LONG
+            else:
+                message.add(line[1:] if line.startswith(b".") else line)
+                continue
+            message.discard()  # the disk space back now, not at the end of DATA
+        if refusal is None:
+            message.end()
+        return refusal
+
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and not self._in_ehlo:
             status = replies.enhance(status)
@@ -323,24 +404,27 @@ class SubmissionHandler:
 
     async def _data(self, session: Session, envelope: Envelope) -> str:
         assert isinstance(envelope, SubmissionEnvelope) and envelope.mail_from is not None
-        content = envelope.original_content or b""
-        kind = bare_line_ending(content)
-        if kind is not None:
-            return replies.bare_line_ending(kind)
+        message = envelope.message
+        assert message is not None
+        if message.line_ending is not None:
+            return replies.bare_line_ending(message.line_ending)
+        if isinstance(message.header_error, HeaderTooLarge):
+            return replies.HEADER_TOO_BIG
+        if message.header_error is not None:
+            return replies.bad_header(str(message.header_error))
         sender = _sender(session)
         try:
-            fields = parse_fields(split_message(content)[0])
-            for address in sender_addresses(fields):
+            for address in sender_addresses(message.fields):
                 if not _owned(sender, address):
                     return replies.header_sender_not_owned(address)
         except HeaderError as exc:
             return replies.bad_header(str(exc))
-        decisions = await self._apply_header_rules(sender, envelope.decisions, fields)
+        decisions = await self._apply_header_rules(sender, envelope.decisions, message.fields)
         if decisions is None:
             return replies.PATIENTS_EXPOSED
         try:
             message_id = await self.intake.accept(
-                sender, envelope.mail_from, list(decisions.items()), content
+                sender, envelope.mail_from, list(decisions.items()), message
             )
         except StorageFullError:
             return replies.STORAGE_FULL
@@ -377,9 +461,28 @@ class SubmissionHandler:
         }
 
     async def handle_exception(self, error: Exception) -> str:
-        """A fault in the gateway is temporary for the client: never a 500."""
-        self._log.error("SMTP session fault: %s", error, exc_info=error)
+        """A fault in the gateway is temporary for the client: never a 500.
+
+        A client that went away mid-command, or whose TLS handshake failed,
+        is no fault of the gateway's: one line, no traceback.  aiosmtpd
+        wraps a reset during STARTTLS in ``TLSSetupException``, so the
+        causes count too.
+        """
+        if _client_side(error):
+            self._log.info("SMTP client went away: %r (%r)", error, error.__cause__)
+        else:
+            self._log.error("SMTP session fault: %s", error, exc_info=error)
         return replies.TEMPORARY_FAULT
+
+
+def _client_side(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a dropped connection or a failed handshake."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TLSSetupException)):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 async def _initial_or_challenge(server: SMTP, args: list[str], prompt: str) -> bytes | None:

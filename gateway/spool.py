@@ -6,8 +6,12 @@ kept. A message whose queue row never committed was never acknowledged;
 ``recover`` removes it at start-up, as Postfix drops unfinished files from
 ``incoming``.
 
-- ``FileSpool`` (the default with SQLite): a file written to ``spool/tmp``,
-  fsync'ed, renamed into ``spool/`` and the directory fsync'ed.
+A message is sealed into ``spool/tmp`` as it arrives (``SpoolWriter``), so a
+25 MB message is never whole in memory; ``SpoolBatch.adopt`` then makes it
+durable:
+
+- ``FileSpool`` (the default with SQLite): the file is fsync'ed, renamed
+  into ``spool/`` and the directory fsync'ed.
 - ``DatabaseSpool`` (the default with PostgreSQL): a row, committed. Several
   instances then share the database and nothing else: any of them can
   deliver what another accepted.
@@ -30,7 +34,7 @@ from sqlmodel import Session, col, select
 
 from consent_registry.db import session_scope
 from consent_registry.models import SpooledMessage
-from gateway.crypto_at_rest import StorageKey
+from gateway.crypto_at_rest import Sealer, StorageKey
 from gateway.settings import Settings
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -45,12 +49,27 @@ class SpoolFull(OSError):
 class Spool(abc.ABC):
     """Where accepted messages wait, sealed, until every recipient is done."""
 
-    def __init__(self, key: StorageKey) -> None:
+    def __init__(self, directory: Path, key: StorageKey) -> None:
         self.key = key
+        self.tmp = directory / "tmp"
+
+    def writer(self, message_id: str) -> SpoolWriter:
+        """A new message, to be written as it arrives and then adopted (or discarded)."""
+        return SpoolWriter(message_id, self.tmp / f"{message_id}.tmp", self.key.sealer(message_id))
 
     @abc.abstractmethod
+    def adopt(self, writer: SpoolWriter) -> None:
+        """Make a written message durable; on any failure nothing is left behind."""
+
     def store(self, message_id: str, content: bytes) -> None:
-        """Seal and durably store; on any failure nothing is left behind."""
+        """Seal and durably store a message that is already whole (a report)."""
+        writer = self.writer(message_id)
+        try:
+            writer.write(content)
+        except BaseException:
+            writer.discard()
+            raise
+        self.adopt(writer)
 
     @abc.abstractmethod
     def load(self, message_id: str) -> bytes:
@@ -61,6 +80,12 @@ class Spool(abc.ABC):
 
     @abc.abstractmethod
     def stored_ids(self) -> list[str]: ...
+
+    def _remove_old_tmp(self, horizon: float) -> None:
+        """Messages whose DATA never ended (the process died while they arrived)."""
+        for leftover in self.tmp.glob("*.tmp"):
+            if leftover.stat().st_mtime < horizon:
+                leftover.unlink(missing_ok=True)
 
     @abc.abstractmethod
     def recover(self, committed: Iterable[str], older_than: float = 3600.0) -> list[str]:
@@ -93,33 +118,36 @@ def open_spool(settings: Settings, engine: Engine, key: StorageKey) -> Spool:
     if kind == "auto":
         kind = "database" if engine.dialect.name == "postgresql" else "files"
     if kind == "database":
-        return DatabaseSpool(engine, key)
+        return DatabaseSpool(settings.spool_dir, engine, key)
     return FileSpool(settings.spool_dir, key)
 
 
 class DatabaseSpool(Spool):
     """Sealed messages as rows of ``spooled_message``.
 
-    ``store`` commits on its own, before the transaction of the queue rows,
+    ``adopt`` commits on its own, before the transaction of the queue rows,
     exactly as the file spool fsyncs before it (PostgreSQL's commit is
     durable with its default ``synchronous_commit=on``).
     """
 
-    def __init__(self, engine: Engine, key: StorageKey) -> None:
-        super().__init__(key)
+    def __init__(self, directory: Path, engine: Engine, key: StorageKey) -> None:
+        super().__init__(directory, key)
         self.engine = engine
 
-    def store(self, message_id: str, content: bytes) -> None:
-        sealed = self.key.seal(content, message_id)
+    def adopt(self, writer: SpoolWriter) -> None:
         try:
+            writer.close(sync=False)  # the commit below is what makes it durable
+            sealed = writer.path.read_bytes()
             with session_scope(self.engine) as session:
                 session.add(
-                    SpooledMessage(id=message_id, sealed=sealed, stored_at=datetime.now(UTC))
+                    SpooledMessage(id=writer.message_id, sealed=sealed, stored_at=datetime.now(UTC))
                 )
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) == _PG_DISK_FULL:
                 raise SpoolFull(errno.ENOSPC, "the database's disk is full") from exc
             raise
+        finally:
+            writer.discard()
 
     def load(self, message_id: str) -> bytes:
         with Session(self.engine) as session:
@@ -137,6 +165,7 @@ class DatabaseSpool(Spool):
             return list(session.exec(select(SpooledMessage.id)).all())
 
     def recover(self, committed: Iterable[str], older_than: float = 3600.0) -> list[str]:
+        self._remove_old_tmp(time.time() - older_than)
         horizon = datetime.now(UTC) - timedelta(seconds=older_than)
         keep = set(committed)
         with session_scope(self.engine) as session:
@@ -152,9 +181,8 @@ class DatabaseSpool(Spool):
 
 class FileSpool(Spool):
     def __init__(self, directory: Path, key: StorageKey) -> None:
-        super().__init__(key)
+        super().__init__(directory, key)
         self.directory = directory
-        self.tmp = directory / "tmp"
 
     @staticmethod
     def prepare(directory: Path) -> None:
@@ -165,41 +193,30 @@ class FileSpool(Spool):
     def path(self, message_id: str) -> Path:
         return self.directory / f"{message_id}.msg"
 
-    def store(self, message_id: str, content: bytes) -> None:
-        sealed = self.key.seal(content, message_id)
-        tmp = self.tmp / f"{message_id}.tmp"
+    def adopt(self, writer: SpoolWriter) -> None:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(sealed)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path(message_id))
+            writer.close(sync=True)
+            os.rename(writer.path, self.path(writer.message_id))
             _fsync_directory(self.directory)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in _NO_SPACE:
-                raise SpoolFull(exc.errno, exc.strerror) from exc
-            raise
+            writer.discard()
+            raise _spool_error(exc) from exc
 
     def load(self, message_id: str) -> bytes:
-        return self.key.open(self.path(message_id).read_bytes(), message_id)
+        return self.key.open_file(self.path(message_id), message_id)
 
     def remove(self, message_id: str) -> None:
+        # No directory fsync: a removal lost to a power cut brings back the
+        # copy of a message the queue calls done, and ``recover`` (through
+        # the gateway's start-up) removes such copies again.
         self.path(message_id).unlink(missing_ok=True)
-        _fsync_directory(self.directory)
 
     def stored_ids(self) -> list[str]:
         return [p.stem for p in self.directory.glob("*.msg")]
 
     def recover(self, committed: Iterable[str], older_than: float = 3600.0) -> list[str]:
         horizon = time.time() - older_than
-        for leftover in self.tmp.glob("*.tmp"):
-            if leftover.stat().st_mtime < horizon:
-                leftover.unlink(missing_ok=True)
+        self._remove_old_tmp(horizon)
         keep = set(committed)
         dropped = [
             mid
@@ -223,6 +240,68 @@ class SpoolBatch:
     def store(self, message_id: str, content: bytes) -> None:
         self.spool.store(message_id, content)
         self.stored.append(message_id)
+
+    def adopt(self, writer: SpoolWriter) -> None:
+        self.spool.adopt(writer)
+        self.stored.append(writer.message_id)
+
+
+class SpoolWriter:
+    """One message sealed into the spool's ``tmp`` directory as it arrives.
+
+    Only sealed bytes touch the disk. The file stays in ``tmp`` (which
+    ``recover`` cleans) until ``Spool.adopt`` makes it part of the spool.
+    """
+
+    def __init__(self, message_id: str, path: Path, sealer: Sealer) -> None:
+        self.message_id = message_id
+        self.path = path
+        self.size = 0  # plaintext octets written
+        self._sealer = sealer
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise _spool_error(exc) from exc
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        self._write(self._sealer.update(data))
+
+    def close(self, sync: bool) -> None:
+        """The last chunk written, and with ``sync`` on the disk."""
+        self._write(self._sealer.finish())
+        fd, self._fd = self._fd, None
+        assert fd is not None, "a spool writer closes once"
+        try:
+            if sync:
+                os.fsync(fd)
+        except OSError as exc:
+            raise _spool_error(exc) from exc
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Nothing of the message is left (safe to call more than once)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        self.path.unlink(missing_ok=True)
+
+    def _write(self, sealed: bytes) -> None:
+        assert self._fd is not None, "a spool writer takes no more after close"
+        view = memoryview(sealed)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise _spool_error(exc) from exc
+
+
+def _spool_error(exc: OSError) -> OSError:
+    """A full disk or quota is temporary for the client (452), anything else a fault."""
+    if exc.errno in _NO_SPACE and not isinstance(exc, SpoolFull):
+        return SpoolFull(exc.errno, exc.strerror)
+    return exc
 
 
 def _fsync_directory(directory: Path) -> None:

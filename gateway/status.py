@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from consent_registry.db import make_engine, schema_is_current
+from consent_registry.db import driver_error, make_engine, schema_is_current
 from gateway.queue import QueueStats, QueueStore
 from gateway.settings import ListenAddress, Settings
 
@@ -52,9 +52,7 @@ def check(settings: Settings) -> Status:
         else:
             probes.append(Probe("database", False, "schema not current: run 'cgw init'"))
     except SQLAlchemyError as exc:
-        cause = getattr(exc, "orig", None) or exc
-        first = (str(cause).splitlines() or [""])[0]
-        probes.append(Probe("database", False, f"unreachable: {first}"))
+        probes.append(Probe("database", False, f"unreachable: {driver_error(exc)[1]}"))
     finally:
         engine.dispose()
     return Status(probes, queue)

@@ -13,6 +13,13 @@ from gateway.app import Gateway
 from gateway.settings import Settings
 
 
+def free_port() -> int:
+    """A port nothing listens on now (for a process that binds it itself, or for none)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class GatewayThread:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -26,6 +33,9 @@ class GatewayThread:
         return self
 
     def stop(self) -> None:
+        """Stop the gateway; a test may stop it early, the fixture again at teardown."""
+        if self.loop.is_closed():
+            return
         asyncio.run_coroutine_threadsafe(self.gateway.stop(), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import click
-from sqlmodel import Session
 
 from consent_registry.addresses import AddressError, parse_address
 from consent_registry.users import login_record
@@ -32,8 +31,8 @@ def check(sender: str, recipients: tuple[str, ...], as_json: bool) -> None:
     except AddressError as exc:
         raise CliError(f"--to: {exc}") from None
     with context.registry(config) as engine:
-        with Session(engine) as session:
-            found = login_record(session, sender)
+        with engine.connect() as connection:
+            found = login_record(connection, sender)
         if found is None or found.disabled:
             raise CliError(f"{sender} is not the address of an active cgw user")
         gate = PolicyGate(engine, config.policy())

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
-from consent_registry.db import make_engine, schema_is_current, session_scope
+from consent_registry.db import driver_error, make_engine, schema_is_current, session_scope
 from consent_registry.errors import RegistryError
 from gateway.audit import AuditLog, audit_log
 from gateway.cli.output import CliError
@@ -99,6 +99,5 @@ def transaction(config: Settings) -> Iterator[Session]:
         except IntegrityError:
             raise CliError("the record changed meanwhile (another change won); try again") from None
         except SQLAlchemyError as exc:
-            cause = getattr(exc, "orig", None) or exc
-            first_line = (str(cause).splitlines() or [""])[0]
-            raise CliError(f"database error: {type(cause).__name__}: {first_line}") from None
+            kind, first_line = driver_error(exc)
+            raise CliError(f"database error: {kind}: {first_line}") from None

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
+from consent_registry.db import driver_error
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from gateway.cli.queue import queue_store
@@ -46,9 +47,7 @@ def _quarantine() -> Iterator[Quarantine]:
         except OSError as exc:
             raise CliError(f"the held message's file: {exc}") from None
         except SQLAlchemyError as exc:
-            cause = getattr(exc, "orig", None) or exc
-            first_line = (str(cause).splitlines() or [""])[0]
-            raise CliError(f"database error: {first_line}") from None
+            raise CliError(f"database error: {driver_error(exc)[1]}") from None
 
 
 @click.group()

@@ -12,6 +12,7 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import logs
+from gateway.budget import return_large_buffers_to_the_system
 from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from gateway.logs import LogFormat
@@ -81,6 +82,7 @@ def serve(log_level: str, log_format: LogFormat) -> None:
     """Run the gateway: submission, delivery and retries."""
     config = context.settings()
     logs.configure(log_level, log_format)
+    return_large_buffers_to_the_system()
     try:
         asyncio.run(_serve(config, log_format))
     except OSError as exc:

@@ -30,6 +30,7 @@ EXPECTED_TABLES = {
     "queue_recipient",
     "audit_event",
     "audit_head",
+    "registry_generation",
 }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import smtplib
-import socket
 import ssl
 from collections.abc import Callable
 
@@ -19,14 +18,9 @@ from tests.gateway.test_durability import (
     _recipients,
     _wait,
 )
+from tests.runner import free_port
 
 Env = Callable[..., dict[str, str]]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _gateway_env(
@@ -37,8 +31,8 @@ def _gateway_env(
     create_user(settings, "drsmith", [SENDER])
     env = serve_env(settings, "smtp://127.0.0.1:9?tls=implicit")  # a next hop that is down
     env.update(
-        CGW_SUBMISSION_LISTEN=f"127.0.0.1:{_free_port()}",
-        CGW_SMTPS_LISTEN=f"127.0.0.1:{_free_port()}",
+        CGW_SUBMISSION_LISTEN=f"127.0.0.1:{free_port()}",
+        CGW_SMTPS_LISTEN=f"127.0.0.1:{free_port()}",
         CGW_RETRY_BACKOFF="1h",
     )
     return settings, env

@@ -8,7 +8,7 @@ import email.policy
 import json
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -316,12 +316,22 @@ def _hold(quarantine: Quarantine, message_id: str, now: datetime | None = None) 
         )
 
 
-@pytest.mark.parametrize("second", ["reject", "release"])
-def test_two_admins_at_once_one_wins(make_settings: Callable[..., Settings], second: str) -> None:
+@pytest.fixture
+def held_store(make_settings: Callable[..., Settings]) -> Iterator[Quarantine]:
+    """The quarantine of a gateway that holds unknown external recipients, drsmith recorded."""
     settings = make_settings(unknown_external="quarantine")
     initialise(settings)
     create_user(settings, "drsmith", [SENDER])
     quarantine = _quarantine(settings)
+    try:
+        yield quarantine
+    finally:
+        quarantine.engine.dispose()
+
+
+@pytest.mark.parametrize("second", ["reject", "release"])
+def test_two_admins_at_once_one_wins(held_store: Quarantine, second: str) -> None:
+    quarantine = held_store
     _hold(quarantine, "RACE1")
     barrier = threading.Barrier(2)
     outcomes: list[str] = []
@@ -351,7 +361,6 @@ def test_two_admins_at_once_one_wins(make_settings: Callable[..., Settings], sec
         assert len(reports) == (1 if "reject" in outcomes else 0)
         count, broken = quarantine.audit.verify(session)
     assert broken is None and count > 0
-    quarantine.engine.dispose()
 
 
 def test_a_secure_channel_lost_while_the_message_waits_puts_it_back_on_hold(
@@ -395,13 +404,8 @@ def _damage(spool: Spool, message_id: str) -> None:
         session.add(row)
 
 
-def test_a_damaged_held_message_does_not_stop_retention(
-    make_settings: Callable[..., Settings],
-) -> None:
-    settings = make_settings(unknown_external="quarantine")
-    initialise(settings)
-    create_user(settings, "drsmith", [SENDER])
-    quarantine = _quarantine(settings)
+def test_a_damaged_held_message_does_not_stop_retention(held_store: Quarantine) -> None:
+    quarantine = held_store
     _hold(quarantine, "OLD1", datetime.now(UTC) - timedelta(days=40))
     _hold(quarantine, "OLD2", datetime.now(UTC) - timedelta(days=35))
     _hold(quarantine, "YOUNG", datetime.now(UTC) - timedelta(days=1))
@@ -411,16 +415,10 @@ def test_a_damaged_held_message_does_not_stop_retention(
     with Session(quarantine.engine) as session:
         reports = session.exec(select(QueueMessage).where(QueueMessage.is_bounce)).all()
     assert len(reports) == 2  # the damaged one is bounced too, without its header
-    quarantine.engine.dispose()
 
 
-def test_a_release_starts_the_queue_lifetime_afresh(
-    make_settings: Callable[..., Settings],
-) -> None:
-    settings = make_settings(unknown_external="quarantine")
-    initialise(settings)
-    create_user(settings, "drsmith", [SENDER])
-    quarantine = _quarantine(settings)
+def test_a_release_starts_the_queue_lifetime_afresh(held_store: Quarantine) -> None:
+    quarantine = held_store
     _hold(quarantine, "LATE", datetime.now(UTC) - timedelta(days=8))  # longer than 5d
     assert quarantine.release("LATE", "privacy-officer").still_held == []
     (claimed,) = quarantine.queue.claim_due(datetime.now(UTC), 10)
@@ -430,4 +428,3 @@ def test_a_release_starts_the_queue_lifetime_afresh(
     assert settled["lab@partner.example"].verdict is Verdict.DEFERRED  # not failed at once
     settled = settle(claimed, greylisted, later + timedelta(days=5), timedelta(days=5))
     assert settled["lab@partner.example"].verdict is Verdict.FAILED
-    quarantine.engine.dispose()

@@ -28,6 +28,7 @@ from sqlmodel import Session, col, select
 
 from consent_registry.db import make_engine
 from consent_registry.models import AuditEvent, AuditHead, QueueMessage, QueueRecipient
+from consent_registry.writes import DirectWrites
 from gateway.app import initialise
 from gateway.audit import AuditAction, AuditEntry, AuditLog, audit_key
 from gateway.bounce import FailedRecipient, build_dsn, build_held_notice
@@ -452,7 +453,7 @@ class Parts:
 
     def intake(self, audit: AuditLog) -> Intake:
         return Intake(
-            self.engine,
+            DirectWrites(self.engine),
             self.spool,
             audit,
             Reports(audit, HOSTNAME, timedelta(days=30)),
@@ -462,7 +463,16 @@ class Parts:
         )
 
     def accept(self, audit: AuditLog, content: bytes) -> str | None:
-        return asyncio.run(self.intake(audit).accept(DRSMITH, SENDER, DECIDED, content))
+        """What the SMTP front end does: stream the lines in, then accept."""
+        intake = self.intake(audit)
+        message = intake.receive()
+        try:
+            for line in content.splitlines(keepends=True):
+                message.add(line)
+            message.end()
+            return asyncio.run(intake.accept(DRSMITH, SENDER, DECIDED, message))
+        finally:
+            message.discard()
 
     def spool_files(self) -> list[Path]:
         return sorted(p for p in self.settings.spool_dir.rglob("*") if p.is_file())

@@ -6,7 +6,9 @@ where a message must not pass, it also checks that nothing reached the next hop.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import smtplib
 import socket
 import time
@@ -14,12 +16,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
+from aiosmtpd.smtp import TLSSetupException
 from sqlmodel import Session, select
 
 from consent_registry.db import make_engine, session_scope
 from consent_registry.models import AuditEvent
 from consent_registry.users import disable_user
+from gateway import replies
 from gateway.settings import Settings
+from gateway.smtp import SubmissionHandler
 from tests.conftest import DOMAIN, PASSWORD
 from tests.runner import GatewayThread
 from tests.sink import Sink
@@ -370,3 +375,36 @@ def test_every_reply_carries_an_enhanced_status_code(gateway: GatewayThread) -> 
         code, text = client.docmd(command, argument)
         assert text[:1] in (b"2", b"4", b"5") and text[1:2] == b".", (command, code, text)
     client.quit()
+
+
+def _raised_from(error: Exception, cause: Exception) -> Exception:
+    """``error`` as ``raise error from cause`` leaves it, as aiosmtpd's STARTTLS does."""
+    try:
+        raise error from cause
+    except Exception as raised:
+        return raised
+
+
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (ConnectionResetError(104, "Connection reset by peer"), logging.INFO),
+        (BrokenPipeError(32, "Broken pipe"), logging.INFO),
+        (_raised_from(TLSSetupException(), ConnectionResetError(104, "reset")), logging.INFO),
+        (RuntimeError("a bug in a hook"), logging.ERROR),
+        (_raised_from(RuntimeError("a bug"), ValueError("inner")), logging.ERROR),
+    ],
+    ids=["reset", "broken-pipe", "reset-during-starttls", "gateway-fault", "chained-fault"],
+)
+def test_a_client_that_went_away_is_logged_as_such_not_as_a_fault(
+    caplog: pytest.LogCaptureFixture, error: Exception, level: int
+) -> None:
+    # The hook uses none of its collaborators: a client gone mid-STARTTLS
+    # (as Ctrl-C in ``cgw demo`` does) must not print a gateway traceback.
+    handler = SubmissionHandler(None, None, None, 1)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="gateway.smtp"):
+        reply = asyncio.run(handler.handle_exception(error))
+    assert reply == replies.TEMPORARY_FAULT
+    assert [(r.levelno, r.exc_info is not None) for r in caplog.records] == [
+        (level, level == logging.ERROR)
+    ]

@@ -53,6 +53,14 @@ def logged_in_raw(gateway: GatewayThread) -> RawClient:
     return raw
 
 
+def open_data(raw: RawClient, recipient: str = COLLEAGUE) -> None:
+    """MAIL, RCPT and DATA in one write (PIPELINING), up to the 354."""
+    raw.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
+    raw.expect("250 2.1.0")
+    raw.expect("250 2.1.5")
+    raw.expect("354")
+
+
 def transaction(raw: RawClient, recipients: list[str], content: bytes) -> str:
     """MAIL, RCPT, DATA on a logged-in raw session; returns the reply to the data."""
     raw.send(f"MAIL FROM:<{SENDER}>\r\n".encode())

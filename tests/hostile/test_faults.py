@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import shutil
 import smtplib
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -34,12 +33,13 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from consent_registry import db
+from consent_registry.models import QueueRecipient
 from gateway.settings import Settings
 from tests.conftest import PASSWORD, POSTGRES_URL
 from tests.gateway.test_durability import _recipients, _stored, _wait
 from tests.hostile.helpers import COLLEAGUE, SENDER, audit, message
 from tests.pki import TestCA
-from tests.runner import GatewayThread
+from tests.runner import GatewayThread, free_port
 from tests.sink import Sink, SinkHandler
 
 StartGateway = Callable[[Settings], GatewayThread]
@@ -146,27 +146,58 @@ def test_database_unreachable_at_data_answers_451_and_accepts_nothing(
     assert len(sink.received) == 1  # the refused message never went anywhere
 
 
-def test_after_a_451_at_data_the_transaction_is_over(
+@pytest.fixture
+def relaying(
     make_settings: Callable[..., Settings],
     start_gateway: StartGateway,
     sink: Sink,
     ca_file: Path,
-) -> None:
-    settings = make_settings(
-        delivery=f"smtp://127.0.0.1:{sink.port}", delivery_ca_file=ca_file, spool="files"
+) -> GatewayThread:
+    """A gateway with a file spool, relaying to the sink."""
+    return start_gateway(
+        make_settings(
+            delivery=f"smtp://127.0.0.1:{sink.port}", delivery_ca_file=ca_file, spool="files"
+        )
     )
-    running = start_gateway(settings)
-    tmp = settings.spool_dir / "tmp"
-    tmp.rmdir()
-    tmp.write_bytes(b"")  # as in test_durability: every spool write fails
+
+
+def test_after_a_451_at_the_end_of_data_the_transaction_is_over(
+    relaying: GatewayThread,
+) -> None:
+    running, settings = relaying, relaying.settings
+    engine = db.make_engine(settings.database_url)
     client = running.logged_in("drsmith", PASSWORD)
     try:
         client.mail(SENDER)
         client.rcpt(COLLEAGUE)
+        with engine.begin() as conn:  # the queue's table is gone: the commit after DATA fails
+            conn.execute(text("ALTER TABLE queue_recipient RENAME TO queue_recipient_away"))
         assert client.data(message("faulted"))[0] == 451
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE queue_recipient_away RENAME TO queue_recipient"))
+        # RFC 5321 4.1.1.4: the end of data ends the transaction, whatever the reply.
+        assert client.docmd("DATA")[0] == 503
+        assert client.mail(SENDER)[0] == 250
+    finally:
+        client.close()
+        engine.dispose()
+
+
+def test_a_451_to_the_data_command_ends_the_transaction_too(
+    relaying: GatewayThread,
+) -> None:
+    running, settings = relaying, relaying.settings
+    tmp = settings.spool_dir / "tmp"
+    tmp.rmdir()
+    tmp.write_bytes(b"")  # as in test_durability: no spool file can be created
+    client = running.logged_in("drsmith", PASSWORD)
+    try:
+        client.mail(SENDER)
+        client.rcpt(COLLEAGUE)
+        code, reply = client.docmd("DATA")  # refused before 354: no data is sent for nothing
+        assert (code, reply[:6]) == (451, b"4.3.0 ")
         tmp.unlink()
         tmp.mkdir()
-        # RFC 5321 4.1.1.4: the end of data ends the transaction, whatever the reply.
         assert client.docmd("DATA")[0] == 503
         assert client.mail(SENDER)[0] == 250
     finally:
@@ -203,24 +234,19 @@ def mount() -> Iterator[Callable[..., None]]:
 
 
 def test_read_only_spool_answers_451_and_stores_nothing(
-    mount: Callable[..., None],
-    make_settings: Callable[..., Settings],
-    start_gateway: StartGateway,
-    sink: Sink,
-    ca_file: Path,
+    mount: Callable[..., None], relaying: GatewayThread, sink: Sink
 ) -> None:
-    settings = make_settings(
-        delivery=f"smtp://127.0.0.1:{sink.port}", delivery_ca_file=ca_file, spool="files"
-    )
-    running = start_gateway(settings)
+    running, settings = relaying, relaying.settings
     spool = str(settings.spool_dir)
     mount("--bind", spool, spool)
     mount("-o", "remount,bind,ro", spool)  # EROFS: root cannot write either
     client = running.logged_in("drsmith", PASSWORD)
     client.mail(SENDER)
     client.rcpt(COLLEAGUE)
-    code, reply = client.data(message("read-only"))
-    assert (code, reply[:6]) == (451, b"4.3.0 ")
+    # The spool file is created before 354: the client is told before it sends the data.
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        client.data(message("read-only"))
+    assert (refused.value.smtp_code, refused.value.smtp_error[:6]) == (451, b"4.3.0 ")
     client.quit()
     _accepted_nothing(settings)
     mount("-o", "remount,bind,rw", spool)
@@ -264,10 +290,16 @@ def test_full_spool_answers_452_leaves_no_partial_file_and_recovers(
 # 10. The next hop down for a while ---------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _deferred_after(running: GatewayThread, marker: str, attempts: int) -> QueueRecipient:
+    """Send one message to COLLEAGUE; its row once ``attempts`` deliveries failed (deferred)."""
+    client = running.logged_in("drsmith", PASSWORD)
+    assert client.sendmail(SENDER, [COLLEAGUE], message(marker)) == {}
+    client.quit()
+    settings = running.settings
+    _wait(lambda: _recipients(settings)[0].attempts >= attempts, f"{attempts} failed attempts")
+    (row,) = _recipients(settings)
+    assert row.state == "deferred"
+    return row
 
 
 def test_next_hop_down_for_a_while_then_back_gets_the_message_exactly_once(
@@ -276,23 +308,14 @@ def test_next_hop_down_for_a_while_then_back_gets_the_message_exactly_once(
     ca_file: Path,
     sink_tls: ssl.SSLContext,
 ) -> None:
-    port = _free_port()  # nothing listens there: every attempt is refused
+    port = free_port()  # nothing listens there: every attempt is refused
     settings = make_settings(
         delivery=f"smtp://127.0.0.1:{port}",
         delivery_ca_file=ca_file,
         retry_backoff="0.1s",
         retry_backoff_max="0.5s",
     )
-    running = start_gateway(settings)
-    assert (
-        running.logged_in("drsmith", PASSWORD).sendmail(
-            SENDER, [COLLEAGUE], message("waits-for-the-hop")
-        )
-        == {}
-    )
-    _wait(lambda: _recipients(settings)[0].attempts >= 4, "four failed attempts")
-    (row,) = _recipients(settings)
-    assert row.state == "deferred"
+    row = _deferred_after(start_gateway(settings), "waits-for-the-hop", attempts=4)
     assert "Connect" in (row.last_error or ""), row.last_error
     deferred = audit(settings, "message.deferred")[:4]
     assert {(e.recipient, e.detail) for e in deferred} == {(COLLEAGUE, row.last_error)}
@@ -372,16 +395,7 @@ def test_next_hop_whose_certificate_fails_is_deferred_audited_and_never_sent_in_
             retry_backoff="0.2s",
             retry_backoff_max="0.2s",
         )
-        running = start_gateway(settings)
-        assert (
-            running.logged_in("drsmith", PASSWORD).sendmail(
-                SENDER, [COLLEAGUE], message("not-over-a-bad-channel")
-            )
-            == {}
-        )
-        _wait(lambda: _recipients(settings)[0].attempts >= 2, "two failed attempts")
-        (row,) = _recipients(settings)
-        assert row.state == "deferred"
+        row = _deferred_after(start_gateway(settings), "not-over-a-bad-channel", attempts=2)
         assert "TLS certificate of the next hop did not verify" in (row.last_error or "")
         assert why in (row.last_error or ""), row.last_error
         deferred = audit(settings, "message.deferred")

@@ -100,7 +100,7 @@ CASES = {
     "5000-nested-multiparts": lambda: nested(5_000),
     "boundary-never-closes": unclosed_boundary,
     "50000-tiny-parts": lambda: tiny_parts(50_000),
-    "10000-folded-header-lines": lambda: folded_header(10_000, 300),
+    "3000-folded-header-lines": lambda: folded_header(3_000, 300),
     "invalid-base64": invalid_base64,
 }
 
@@ -195,3 +195,16 @@ def test_a_message_over_the_size_limit_is_refused_cleanly_whatever_its_structure
     assert _recipients(running.settings) == []
     assert _stored(running.settings) == []
     _next_client_is_served(running, sink, 1)
+
+
+def test_a_header_block_over_one_mib_is_refused_and_nothing_is_kept(
+    gateway: GatewayThread, sink: Sink
+) -> None:
+    """The header block is the one part held in memory while DATA streams to the spool."""
+    content = folded_header(4_000, 300)  # 1.2 MB of one folded field
+    code, reply = _send(gateway, [COLLEAGUE], content)
+    assert (code, reply) == (552, b"5.3.4 Message header too big for system (the limit is 1 MiB)")
+    assert _recipients(gateway.settings) == []
+    assert _stored(gateway.settings) == []
+    assert list((gateway.settings.spool_dir / "tmp").iterdir()) == []
+    _next_client_is_served(gateway, sink, 1)

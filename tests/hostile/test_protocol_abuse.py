@@ -41,6 +41,7 @@ from tests.hostile.helpers import (
     held_connections,
     logged_in_raw,
     message,
+    open_data,
     plain_token,
     transaction,
 )
@@ -280,6 +281,26 @@ def test_an_overlong_text_line_refuses_the_whole_message_and_the_session_goes_on
     assert [r.address for r in _recipients(gateway.settings)] == [COLLEAGUE]
 
 
+def test_the_tail_of_an_overlong_line_never_ends_the_data_early(gateway: GatewayThread) -> None:
+    """An overlong line cut where the reader's limit ran out, its tail ".<CRLF>":
+
+    that tail is not the lone dot, so what follows stays message data and is
+    never run as commands. The pause lets the gateway read (and cut) the long
+    part before the rest arrives; without it the cut falls elsewhere and the
+    test proves less, never wrongly.
+    """
+    raw = logged_in_raw(gateway)
+    open_data(raw)
+    raw.send(message("cut") + b"A" * 1_500 + b".")
+    time.sleep(0.5)
+    raw.send(b"\r\nVRFY <someone@praxis.example>\r\n.\r\n")
+    assert raw.reply() == "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
+    raw.send(b"NOOP\r\n")
+    assert raw.reply() == "250 2.0.0 OK"  # not VRFY's 252: it was data, not a command
+    raw.close()
+    assert _recipients(gateway.settings) == []
+
+
 def test_a_text_line_of_1001_octets_is_refused(gateway: GatewayThread, sink: Sink) -> None:
     raw = logged_in_raw(gateway)
     reply = transaction(raw, [COLLEAGUE], message("1001") + b"C" * 999 + b"\r\n")
@@ -461,10 +482,7 @@ def test_a_client_that_stalls_inside_data_gets_421_and_nothing_is_stored(
         )
     )
     raw = logged_in_raw(running)
-    raw.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{COLLEAGUE}>\r\nDATA\r\n".encode())
-    raw.expect("250 2.1.0")
-    raw.expect("250 2.1.5")
-    raw.expect("354")
+    open_data(raw)
     raw.send(message("half a message"))  # ... and then nothing, not even the final dot
     assert raw.reply() == "421 4.4.2 gateway.test Error: timeout exceeded"
     assert closed_within(raw.sock, 10)
@@ -485,10 +503,7 @@ def test_a_slow_but_steady_upload_is_not_cut_off_as_idle(
         )
     )
     raw = logged_in_raw(running)
-    raw.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{COLLEAGUE}>\r\nDATA\r\n".encode())
-    raw.expect("250 2.1.0")
-    raw.expect("250 2.1.5")
-    raw.expect("354")
+    open_data(raw)
     raw.send(message("slow upload"))
     try:
         for n in range(8):  # never silent for more than 0.3 s, 2.4 s in all

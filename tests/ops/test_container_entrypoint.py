@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.runner import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -280,12 +282,6 @@ def clean_virtualenv(where: Path, project: Path) -> Path:
             pytest.skip(f"pip cannot install the project: {unreachable}")
         pytest.fail(f"pip install failed:\n{installed.stdout[-3000:]}\n{installed.stderr[-3000:]}")
     return where
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def json_object(line: str) -> dict[str, object] | None:

@@ -1,0 +1,93 @@
+"""Registry facts kept between messages: served from memory, dropped on any registry change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, text
+
+from consent_registry.db import make_engine
+from gateway.app import initialise
+from gateway.policy_gate import PolicyGate
+from gateway.settings import Settings
+from policies.decision import Outcome
+from tests.conftest import create_user
+from tests.practice import SENDER, Practice
+
+PATIENT = "pat.jones@example.org"
+
+
+@pytest.fixture
+def practice(make_settings: Callable[..., Settings]) -> Practice:
+    settings = make_settings()
+    initialise(settings)
+    return Practice(settings)
+
+
+@pytest.fixture
+def engine(practice: Practice) -> Iterator[Engine]:
+    engine = make_engine(practice.settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+def _generation(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text("SELECT value FROM registry_generation")).scalar_one())
+
+
+def _statements(engine: Engine) -> list[str]:
+    """Every statement the engine runs from now on."""
+    seen: list[str] = []
+
+    def count(*args: Any) -> None:
+        seen.append(args[2])
+
+    event.listen(engine, "before_cursor_execute", count)
+    return seen
+
+
+def test_every_kind_of_registry_change_moves_the_generation(
+    practice: Practice, engine: Engine
+) -> None:
+    consent_ids: list[int] = []
+    relationship_ids: list[int] = []
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("user and address", lambda: create_user(practice.settings, "drsmith", [SENDER])),
+        ("patient and address", lambda: practice.patient("Pat Jones", PATIENT, "MRN-1")),
+        ("relationship", lambda: relationship_ids.append(practice.relate("MRN-1", "drsmith"))),
+        ("consent granted", lambda: consent_ids.append(practice.consent("MRN-1", PATIENT))),
+        ("consent revoked", lambda: practice.revoke(consent_ids[0])),
+        ("relationship ended", lambda: practice.end_relationship(relationship_ids[0])),
+    ]
+    for what, change in steps:
+        before = _generation(engine)
+        change()
+        assert _generation(engine) > before, f"{what} left the generation at {before}"
+
+
+def test_facts_are_served_from_memory_until_the_registry_changes(
+    practice: Practice, engine: Engine
+) -> None:
+    create_user(practice.settings, "drsmith", [SENDER])
+    practice.patient("Pat Jones", PATIENT, "MRN-1")
+    practice.relate("MRN-1", "drsmith")
+    consent_id = practice.consent("MRN-1", PATIENT, delivery="tls")
+    gate = PolicyGate(engine, practice.settings.policy())
+    (allowed,) = gate.recheck("drsmith", [PATIENT]).values()
+    assert allowed.outcome is Outcome.ALLOW
+
+    statements = _statements(engine)
+    (again,) = gate.recheck("drsmith", [PATIENT]).values()
+    assert again == allowed
+    assert len(statements) == 1 and "registry_generation" in statements[0], statements
+
+    practice.revoke(consent_id)  # another engine, as the CLI would
+    (after,) = gate.recheck("drsmith", [PATIENT]).values()
+    assert after.outcome is not Outcome.ALLOW
+    assert len(statements) > 2  # the facts were read again
+    # The header rule reads the same cache: this patient's address shown in a
+    # message to somebody else is caught.
+    assert gate.exposure(frozenset({-1}), [PATIENT]) is not None

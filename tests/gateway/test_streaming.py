@@ -1,0 +1,201 @@
+"""Bounded memory for large messages: the pieces that stream.
+
+- ``Sealer`` seals content that arrives in pieces into exactly the format
+  ``StorageKey.seal`` writes, whatever the pieces' sizes.
+- ``IncomingMessage`` takes DATA a line at a time: the stored message is the
+  stamped header and the body byte for byte; a bare CR or LF anywhere, an
+  unusable or oversized header, is caught and nothing is left in the spool.
+- ``dot_stuffed`` writes DATA for the next hop in pieces, with the same
+  transparency as writing it whole.
+- ``OctetBudget`` lets small messages share the budget, makes large ones wait
+  in order, and lets one larger than the budget go alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.budget import OctetBudget
+from gateway.crypto_at_rest import CHUNK_SIZE, StorageKey
+from gateway.intake import HEADER_LIMIT, HeaderTooLarge, IncomingMessage
+from gateway.relay import dot_stuffed
+from gateway.spool import FileSpool
+
+KEY = StorageKey(secrets.token_bytes(32))
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.sampled_from([0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 2 * CHUNK_SIZE + 7]),
+    cuts=st.lists(st.integers(min_value=0, max_value=3 * CHUNK_SIZE), max_size=6),
+)
+def test_sealing_in_pieces_gives_the_same_format_as_sealing_whole(
+    size: int, cuts: list[int]
+) -> None:
+    data = bytes(i % 251 for i in range(size))
+    sealer = KEY.sealer("ref")
+    sealed = b"".join(sealer.update(piece) for piece in _split(data, cuts)) + sealer.finish()
+    assert KEY.open(sealed, "ref") == data
+    assert len(sealed) == len(KEY.seal(data, "ref"))  # same chunking, same final marker
+
+
+# --- IncomingMessage ----------------------------------------------------------------------
+
+STAMP = b"Received: by test\r\n"
+
+
+def _stamp(block: bytes) -> bytes:
+    return STAMP + block + b"\r\n"
+
+
+def _receive(tmp_path: Path, content: bytes) -> tuple[IncomingMessage, FileSpool]:
+    FileSpool.prepare(tmp_path)
+    spool = FileSpool(tmp_path, KEY)
+    message = IncomingMessage(spool.writer("M1"), _stamp)
+    for line in content.splitlines(keepends=True):
+        message.add(line)
+    message.end()
+    return message, spool
+
+
+def _stored(message: IncomingMessage, spool: FileSpool) -> bytes:
+    spool.adopt(message.writer)
+    return spool.load("M1")
+
+
+BODY = b"".join(b"line %06d of the body\r\n" % n for n in range(20_000))  # 480 kB
+
+
+@pytest.mark.parametrize(
+    ("content", "names", "expected"),
+    [
+        (
+            b"From: a@x\r\nTo: b@y\r\n\r\n" + BODY,
+            ["from", "to"],
+            STAMP + b"From: a@x\r\nTo: b@y\r\n\r\n" + BODY,
+        ),
+        (b"From: a@x\r\n", ["from"], STAMP + b"From: a@x\r\n\r\n"),  # all header
+        (b"\r\nbody\r\n", [], STAMP + b"\r\nbody\r\n"),  # no header at all
+    ],
+    ids=["header-and-body", "header-only", "body-only"],
+)
+def test_the_stored_message_is_the_stamped_header_and_the_body_byte_for_byte(
+    tmp_path: Path, content: bytes, names: list[str], expected: bytes
+) -> None:
+    message, spool = _receive(tmp_path, content)
+    assert not message.spoiled
+    assert [f.name for f in message.fields] == names
+    assert _stored(message, spool) == expected
+    assert message.writer.size == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (b"From: a@x\r\nX: a\nb\r\n\r\nbody\r\n", "bare LF"),
+        (b"From: a@x\r\n\r\n" + BODY + b"smuggled\n.\nMAIL FROM:<x@y>\r\n", "bare LF"),
+        (b"From: a@x\r\n\r\n" + BODY + b"smuggled\r.\rMAIL FROM:<x@y>\r\n", "bare CR"),
+        # A bare LF after the header already failed is still what the reply names.
+        (b"Not a header\r\nFrom: a@x\r\n\r\nbody\n.\n\r\n", "bare LF"),
+    ],
+    ids=["in-header", "lf-in-body", "cr-in-body", "after-a-bad-header"],
+)
+def test_a_bare_line_ending_anywhere_is_caught_and_nothing_is_kept(
+    tmp_path: Path, content: bytes, kind: str
+) -> None:
+    message, _ = _receive(tmp_path, content)
+    assert message.line_ending == kind
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_an_unusable_header_is_caught_and_nothing_is_kept(tmp_path: Path) -> None:
+    message, _ = _receive(tmp_path, b"Not a header\r\nFrom: a@x\r\n\r\n" + BODY)
+    assert message.header_error is not None and message.line_ending is None
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_header_over_the_limit_is_refused_without_holding_it(tmp_path: Path) -> None:
+    fold = b" " + b"f" * 900 + b"\r\n"
+    content = b"X-Long: x\r\n" + fold * (HEADER_LIMIT // len(fold) + 2) + b"\r\nbody\r\n"
+    message, _ = _receive(tmp_path, content)
+    assert isinstance(message.header_error, HeaderTooLarge)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+# --- dot_stuffed --------------------------------------------------------------------------
+
+_PERIOD = re.compile(rb"(?m)^\.")  # aiosmtplib's transparency, applied to the whole message
+
+lines = st.lists(
+    st.sampled_from([b".", b"..", b".x", b"x.", b"", b"text", b"." * 70, b"a" * 998]),
+    max_size=200,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=lines)
+def test_pieces_are_stuffed_as_the_whole_message_would_be(lines: list[bytes]) -> None:
+    content = b"".join(line + b"\r\n" for line in lines)
+    assert b"".join(dot_stuffed(content)) == _PERIOD.sub(b"..", content)
+
+
+def test_a_dot_at_the_start_of_a_piece_is_stuffed_too() -> None:
+    first = b"a" * (65536 - 2) + b"\r\n"  # the second piece starts a line with a dot
+    content = first + b".hidden\r\n"
+    pieces = list(dot_stuffed(content))
+    assert len(pieces) == 2 and pieces[1].startswith(b"..hidden")
+
+
+def test_a_message_without_a_final_crlf_gets_one() -> None:
+    assert b"".join(dot_stuffed(b"no newline")) == b"no newline\r\n"
+    assert list(dot_stuffed(b"")) == []
+
+
+# --- OctetBudget --------------------------------------------------------------------------
+
+
+def test_the_budget_shares_small_messages_and_serves_large_ones_alone_and_in_order() -> None:
+    async def scenario() -> list[str]:
+        budget = OctetBudget(100)
+        log: list[str] = []
+        release = {name: asyncio.Event() for name in ("a", "b", "big", "c")}
+
+        async def deliver(name: str, size: int) -> None:
+            async with budget.hold(size):
+                log.append(f"+{name}")
+                await release[name].wait()
+                log.append(f"-{name}")
+
+        tasks = [asyncio.create_task(deliver("a", 40)), asyncio.create_task(deliver("b", 40))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(deliver("big", 500)))  # over the budget: alone
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(deliver("c", 10)))  # fits, but waits its turn
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert log == ["+a", "+b"]
+        release["a"].set()
+        release["b"].set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert budget.used == 500
+        release["big"].set()
+        release["c"].set()
+        await asyncio.gather(*tasks)
+        assert budget.used == 0
+        return log
+
+    assert asyncio.run(scenario()) == ["+a", "+b", "-a", "-b", "+big", "-big", "+c", "-c"]
