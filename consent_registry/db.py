@@ -8,6 +8,8 @@ at once do not race.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import weakref
@@ -96,27 +98,66 @@ def driver_error(exc: BaseException) -> tuple[str, str]:
     return type(cause).__name__, (str(cause).splitlines() or [""])[0]
 
 
-_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, WriterTurn] = weakref.WeakKeyDictionary()
 _SQLITE_WRITERS_GUARD = threading.Lock()
 
 
-def write_turn(engine: Engine) -> AbstractContextManager[object]:
-    """This process's turn to write to a SQLite database (no-op for PostgreSQL).
+class WriterTurn:
+    """The turn to write to one SQLite file, among threads and processes.
 
     SQLite has one writer at a time; a second one waits in its busy handler,
     which sleeps in steps of up to 100 ms and does not wake when the lock is
     free. With a dozen threads writing (intake, delivery results, audit),
     those sleeps made the gateway wait far more than it worked (p99 0.8 s at
-    40 messages/s). Threads of one process take turns on a lock instead, which
-    hands over at once; other processes (the CLI) still meet the busy handler.
+    40 messages/s). Writers take turns on locks instead, which hand over at
+    once: a re-entrant lock among this process's threads and, for the
+    outermost holder, ``flock`` on ``<database>.write-lock`` among processes
+    (several ``cgw serve`` workers, the CLI). The kernel drops a ``flock``
+    when its process dies, so a killed writer never leaves the turn taken.
     """
+
+    def __init__(self, lock_path: Path | None) -> None:
+        self._threads = threading.RLock()
+        self._path = lock_path
+        self._fd: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> WriterTurn:
+        self._threads.acquire()
+        try:
+            if self._depth == 0 and self._path is not None:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+        except BaseException:
+            self._threads.release()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+    def __del__(self) -> None:  # with its engine: tests and the CLI make many
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+def write_turn(engine: Engine) -> AbstractContextManager[object]:
+    """The turn to write to a SQLite database (no-op for PostgreSQL): see ``WriterTurn``."""
     if engine.dialect.name != "sqlite":
         return nullcontext()
     with _SQLITE_WRITERS_GUARD:
-        lock = _SQLITE_WRITERS.get(engine)
-        if lock is None:
-            lock = _SQLITE_WRITERS[engine] = threading.RLock()
-    return lock
+        turn = _SQLITE_WRITERS.get(engine)
+        if turn is None:
+            database = engine.url.database
+            in_file = bool(database) and database != ":memory:"
+            lock_path = Path(f"{database}.write-lock") if in_file else None
+            turn = _SQLITE_WRITERS[engine] = WriterTurn(lock_path)
+    return turn
 
 
 @contextmanager

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlmodel import Session
 
 from consent_registry.db import (
@@ -15,6 +18,7 @@ from consent_registry.db import (
     migrate,
     schema_is_current,
     session_scope,
+    write_turn,
 )
 from consent_registry.models import AuditEvent
 
@@ -83,3 +87,44 @@ def test_naive_datetimes_are_refused(database_url: str) -> None:
 
 def test_head_revision_constant_matches_the_migration_files() -> None:
     assert alembic_head() == HEAD_REVISION
+
+
+_TRY_THE_TURN = """
+import fcntl, sys
+with open(sys.argv[1], "a") as lock:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("taken")
+    else:
+        print("free")
+"""
+
+
+def test_a_sqlite_write_turn_is_held_against_other_processes_and_given_back(
+    tmp_path: Path,
+) -> None:
+    # Several ``cgw serve`` processes (and the CLI) on one SQLite file take
+    # turns on flock, so that none waits in SQLite's sleeping busy handler.
+    database = tmp_path / "cgw.db"
+    engine = make_engine(f"sqlite:///{database}")
+
+    def other_process() -> str:
+        lock = f"{database}.write-lock"
+        done = subprocess.run(
+            [sys.executable, "-c", _TRY_THE_TURN, lock], capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        with write_turn(engine), write_turn(engine):  # re-entrant within a thread
+            pass
+        with session_scope(engine) as session:
+            session.execute(text("CREATE TABLE t (x INTEGER)"))
+            nested = other_process()
+            with write_turn(engine):
+                pass
+            still = other_process()  # the inner turn's end is not the outer one's
+        assert (nested, still, other_process()) == ("taken", "taken", "free")
+    finally:
+        engine.dispose()
