@@ -154,13 +154,15 @@ class Gateway:
             settings.retry_backoff, settings.retry_backoff_max, settings.queue_lifetime
         )
         reports = Reports(audit, settings.hostname, settings.quarantine_retention)
-        intake = Intake(writes, spool, audit, reports, settings.hostname, self.wake)
         archive, signer = load_practice_keys(
             settings.smime_archive_cert, settings.smime_signing_cert, settings.smime_signing_key
         )
         protector = Protector(engine, settings.protect_subject, archive, signer)
         gate = PolicyGate(engine, settings.policy())
         self.worker = DeliveryWorker(queue, spool, relay, retry, reports, protector, gate)
+        intake = Intake(
+            writes, spool, audit, reports, settings.hostname, self.wake, deliveries=self.worker
+        )
         self.sweep = RetentionSweep(
             Quarantine(queue, spool, audit, reports, gate), settings.quarantine_retention
         )

@@ -24,6 +24,7 @@ from gateway.headers import storable
 from gateway.policy_gate import PolicyGate
 from gateway.protection import ProtectionUnavailable, Protector
 from gateway.queue import (
+    Claim,
     ClaimedMessage,
     ClaimedRecipient,
     QueueStore,
@@ -76,10 +77,47 @@ class DeliveryWorker:
         self.memory = OctetBudget(memory)
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._reserved = 0  # slots promised to messages being queued (``reserve``)
+        # Whether a claim may find work: at start, after ``wake``, after a full
+        # claim, when a due time passed. Not after each delivery of handed-over
+        # mail: a claim transaction per message was most of the writer's work.
+        self._more_due = True
         self._stopping = False
 
     def wake(self) -> None:
+        """Something was queued for a round to claim."""
+        self._more_due = True
         self._wake.set()
+
+    def reserve(self, now: datetime) -> Claim | None:
+        """A delivery slot for a message about to be queued, if one is free.
+
+        Intake queues the message's recipients already claimed (``Claim``)
+        and then calls ``hand_over``: fresh mail goes out without a claim
+        transaction or a poll. Without a free slot it is queued unclaimed,
+        for a later round. Runs on the event loop, like ``_round``.
+        """
+        if self._stopping or self._free() <= 0:
+            return None
+        self._reserved += 1
+        return Claim(self.queue.instance, now + self.queue.lease)
+
+    def hand_over(self, message: ClaimedMessage | None) -> None:
+        """Deliver what was queued under a ``reserve``d slot; None gives the slot back
+        (the store failed, or nothing was due)."""
+        self._reserved -= 1
+        if message is not None and message.recipients:
+            self._start(message)
+        elif self._more_due:
+            self._wake.set()
+
+    def _free(self) -> int:
+        return self.concurrency - len(self._in_flight) - self._reserved
+
+    def _start(self, message: ClaimedMessage) -> None:
+        task = asyncio.create_task(self._deliver(message))
+        self._in_flight.add(task)
+        task.add_done_callback(self._task_done)
 
     def stop(self) -> None:
         """End ``run`` after its current step. Not by cancelling it: a
@@ -103,28 +141,36 @@ class DeliveryWorker:
     async def _round(self) -> None:
         """Claim what is due and start delivering it, or sleep until there is work."""
         self._wake.clear()
-        free = self.concurrency - len(self._in_flight)
-        claimed = (
-            await asyncio.to_thread(self.queue.claim_due, self.clock(), free) if free > 0 else []
-        )
-        for message in claimed:
-            task = asyncio.create_task(self._deliver(message))
-            self._in_flight.add(task)
-            task.add_done_callback(self._task_done)
+        free = self._free()
+        claimed: list[ClaimedMessage] = []
+        if free > 0 and self._more_due:
+            self._reserved += free  # a hand-over meanwhile must not take these slots too
+            try:
+                claimed = await asyncio.to_thread(self.queue.claim_due, self.clock(), free)
+            finally:
+                self._reserved -= free
+            self._more_due = len(claimed) >= free  # a full claim: more may be due
+            for message in claimed:
+                self._start(message)
         if not claimed:
             await self._sleep_until_work()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        self._wake.set()
+        if self._more_due:  # a slot is free for work that waits
+            self._wake.set()
 
     async def _sleep_until_work(self) -> None:
+        """Until woken, or until the next recipient falls due (then claim again:
+        a deferral's retry time, a lapsed claim, or another instance's mail)."""
         timeout = POLL_SECONDS
         next_due = await asyncio.to_thread(self.queue.next_due)
         if next_due is not None:
             timeout = min(timeout, max((next_due - self.clock()).total_seconds(), 0.05))
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            self._more_due = True
 
     async def close(self) -> None:
         """Let the relay say goodbye to connections it kept open."""

@@ -9,6 +9,11 @@ sender is owed: a held notice, a bounce in bounce mode) is fsync'ed into the
 spool, then the queue rows and audit entries commit in one transaction, and
 only then does the client hear 250. A fault at any step removes what was
 written and the client hears 451 (or 452 when the disk is full).
+
+Fresh mail goes to delivery directly when it has a free slot: the
+recipients are queued already claimed and handed over, so the queue is not
+polled or claimed for them (``DeliveryHandOff``); the queue rows stay the
+record, should the process die.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Protocol
 
 from sqlmodel import Session
 
@@ -34,7 +40,14 @@ from gateway.headers import (
     parse_fields,
     rewrite_header,
 )
-from gateway.queue import QueuedRecipient, QueueStore, new_message_id
+from gateway.queue import (
+    Claim,
+    ClaimedMessage,
+    ClaimedRecipient,
+    QueuedRecipient,
+    QueueStore,
+    new_message_id,
+)
 from gateway.reports import Reports
 from gateway.spool import Spool, SpoolFull, SpoolWriter
 from policies.decision import Decision, Outcome
@@ -160,6 +173,14 @@ class IncomingMessage:
         self.writer.discard()  # give the disk space back now, not at the end of DATA
 
 
+class DeliveryHandOff(Protocol):
+    """The delivery stage, as intake hands it fresh mail (``DeliveryWorker``)."""
+
+    def reserve(self, now: datetime) -> Claim | None: ...
+
+    def hand_over(self, message: ClaimedMessage | None) -> None: ...
+
+
 class Intake:
     def __init__(
         self,
@@ -170,14 +191,16 @@ class Intake:
         hostname: str,
         on_accepted: Callable[[], None],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        deliveries: DeliveryHandOff | None = None,
     ) -> None:
         self.writes = writes
         self.spool = spool
         self.audit = audit
         self.reports = reports
         self.hostname = hostname
-        self.on_accepted = on_accepted
+        self.on_accepted = on_accepted  # something was queued for the stages to find
         self.clock = clock
+        self.deliveries = deliveries
 
     def receive(self) -> IncomingMessage:
         """A new message about to arrive (the spool file is created now: a spool
@@ -207,9 +230,16 @@ class Intake:
             if isinstance(message.fault, SpoolFull):
                 raise StorageFullError(str(message.fault)) from message.fault
             raise message.fault
-        kept = await asyncio.to_thread(
-            self._store, sender, mail_from, decided, message, self.clock()
-        )
+        now = self.clock()
+        claim = self.deliveries.reserve(now) if self.deliveries is not None else None
+        handed: ClaimedMessage | None = None
+        try:
+            kept, handed, more = await asyncio.to_thread(
+                self._store, sender, mail_from, decided, message, now, claim
+            )
+        finally:
+            if self.deliveries is not None and claim is not None:
+                self.deliveries.hand_over(handed)
         message_id = message.message_id
         held = sum(d.outcome is Outcome.QUARANTINE for _, d in decided)
         refused = sum(d.outcome is Outcome.DENY for _, d in decided)
@@ -224,7 +254,8 @@ class Intake:
             refused,
             extra={"event": "accepted", "queue_id": message_id if kept else None},
         )
-        self.on_accepted()
+        if more or handed is None:
+            self.on_accepted()
         return message_id if kept else None
 
     def _stamp(self, header_block: bytes, message_id: str, now: datetime) -> bytes:
@@ -251,7 +282,10 @@ class Intake:
         decided: Sequence[tuple[str, Decision]],
         message: IncomingMessage,
         now: datetime,
-    ) -> bool:
+        claim: Claim | None,
+    ) -> tuple[bool, ClaimedMessage | None, bool]:
+        """Spool and queue the message: whether any recipient was kept, what
+        delivery takes over (with ``claim``), and whether more was queued."""
         kept = [(a, d) for a, d in decided if d.outcome is not Outcome.DENY]
         refused = [
             FailedRecipient(a, d.enhanced_code, replies.decision(d, a))
@@ -270,17 +304,33 @@ class Intake:
                     batch, mail_from, header, about, now, failed=refused, held=held
                 )
 
-                def queue_it(session: Session) -> None:
+                def queue_it(session: Session) -> tuple[ClaimedRecipient, ...]:
+                    claimed: tuple[ClaimedRecipient, ...] = ()
                     if kept:
-                        self._enqueue(
-                            session, sender, message_id, mail_from, kept, message.writer.size, now
+                        claimed = self._enqueue(
+                            session,
+                            sender,
+                            message_id,
+                            mail_from,
+                            kept,
+                            message.writer.size,
+                            now,
+                            claim,
                         )
                     self.reports.enqueue(session, reports, now)
+                    return claimed
 
-                self.writes.run(queue_it)
+                claimed = self.writes.run(queue_it)
         except SpoolFull as exc:
             raise StorageFullError(str(exc)) from exc
-        return bool(kept)
+        handed = None
+        if claimed:
+            size = message.writer.size
+            handed = ClaimedMessage(
+                message_id, mail_from, now, claimed, username=sender.username, size=size
+            )
+        # Anything not handed over (held recipients, reports) is for the stages to find.
+        return bool(kept), handed, bool(reports) or len(claimed) < len(kept)
 
     def _enqueue(
         self,
@@ -291,9 +341,12 @@ class Intake:
         kept: Sequence[tuple[str, Decision]],
         size: int,
         now: datetime,
-    ) -> None:
+        claim: Claim | None,
+    ) -> tuple[ClaimedRecipient, ...]:
         queued = [QueuedRecipient.decided(address, decision) for address, decision in kept]
-        QueueStore.enqueue(session, message_id, mail_from, sender.username, size, queued, now)
+        claimed = QueueStore.enqueue(
+            session, message_id, mail_from, sender.username, size, queued, now, claim=claim
+        )
         for address, decision in kept:
             held = decision.outcome is Outcome.QUARANTINE
             self.audit.record(
@@ -307,6 +360,7 @@ class Intake:
                 ),
                 now,
             )
+        return claimed
 
     async def record_refusal(self, sender: SenderFacts, recipient: str, decision: Decision) -> None:
         await asyncio.to_thread(self._audit_refusal, sender, recipient, decision, self.clock())

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, Update, bindparam, exists, func, insert, update
+from sqlalchemy import Connection, Engine, Update, bindparam, case, exists, func, insert, update
 from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
 
@@ -85,6 +85,21 @@ _CLAIMED_MESSAGES = select_columns(
     col(QueueMessage.username),
     col(QueueMessage.size),
 ).where(col(QueueMessage.id).in_(bindparam("ids", expanding=True)))
+# Queueing recipients already claimed: their ids, in the order given.
+_INSERT_RETURNING_IDS = insert(QueueRecipient).returning(
+    col(QueueRecipient.id), sort_by_parameter_order=True
+)
+_NEXT_DUE = select_columns(
+    func.min(
+        case(
+            (
+                col(QueueRecipient.claimed_until) > col(QueueRecipient.next_attempt_at),
+                col(QueueRecipient.claimed_until),
+            ),
+            else_=col(QueueRecipient.next_attempt_at),
+        )
+    )
+).where(col(QueueRecipient.state).in_(DUE_STATES))
 # Closing a message whose last recipient is settled.
 _LOCK_MESSAGE = (
     select_columns(col(QueueMessage.id))
@@ -176,6 +191,14 @@ class ClaimedMessage:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """Who claims new recipients as they are queued, and for how long (see ``enqueue``)."""
+
+    by: str
+    until: datetime
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     backoff: timedelta
     backoff_max: timedelta
@@ -254,12 +277,18 @@ class QueueStore:
         recipients: Sequence[QueuedRecipient],
         now: datetime,
         is_bounce: bool = False,
-    ) -> None:
+        claim: Claim | None = None,
+    ) -> tuple[ClaimedRecipient, ...]:
         """Add a message and its recipients in the caller's transaction.
 
         Core inserts (two statements, however many recipients): this runs for
         every message accepted and every report, where the ORM's unit of
         work cost more than the inserts.
+
+        With ``claim``, the recipients due now are inserted already claimed,
+        and returned as claimed: the caller hands them straight to delivery,
+        without a claim transaction or a poll. Should the caller die first,
+        the claim lapses like any other.
         """
         connection = session.connection()
         connection.execute(
@@ -275,26 +304,42 @@ class QueueStore:
                 }
             ],
         )
-        connection.execute(
-            insert(QueueRecipient),
-            [
-                {
-                    "message_id": message_id,
-                    "address": rcpt.address,
-                    "state": (
-                        RecipientState.QUARANTINED if rcpt.quarantined else RecipientState.QUEUED
-                    ).value,
-                    "next_attempt_at": now,
-                    "updated_at": now,
-                    "since": now,
-                    "protection": rcpt.protection,
-                    "reason": rcpt.reason,
-                    "patient_id": rcpt.patient_id,
-                    "certificate_id": rcpt.certificate_id,
-                    "attempts": 0,
-                }
-                for rcpt in recipients
-            ],
+        rows = [
+            {
+                "message_id": message_id,
+                "address": rcpt.address,
+                "state": (
+                    RecipientState.QUARANTINED if rcpt.quarantined else RecipientState.QUEUED
+                ).value,
+                "next_attempt_at": now,
+                "updated_at": now,
+                "since": now,
+                "protection": rcpt.protection,
+                "reason": rcpt.reason,
+                "patient_id": rcpt.patient_id,
+                "certificate_id": rcpt.certificate_id,
+                "attempts": 0,
+                "claimed_by": None if claim is None or rcpt.quarantined else claim.by,
+                "claimed_until": None if claim is None or rcpt.quarantined else claim.until,
+            }
+            for rcpt in recipients
+        ]
+        if claim is None:
+            connection.execute(insert(QueueRecipient), rows)
+            return ()
+        ids = [int(row.id) for row in connection.execute(_INSERT_RETURNING_IDS, rows)]
+        return tuple(
+            ClaimedRecipient(
+                row_id,
+                rcpt.address,
+                0,
+                rcpt.protection,
+                rcpt.certificate_id,
+                rcpt.patient_id,
+                now,
+            )
+            for row_id, rcpt in zip(ids, recipients, strict=True)
+            if not rcpt.quarantined
         )
 
     def release_own_claims(self) -> int:
@@ -575,13 +620,10 @@ class QueueStore:
         return finished
 
     def next_due(self) -> datetime | None:
-        with Session(self.engine) as session:
-            return session.exec(
-                select(QueueRecipient.next_attempt_at)
-                .where(col(QueueRecipient.state).in_(DUE_STATES))
-                .order_by(col(QueueRecipient.next_attempt_at))
-                .limit(1)
-            ).first()
+        """When the next recipient can be claimed: its retry time or, while
+        claimed, when the claim lapses (claims in flight are not due)."""
+        with self.engine.connect() as connection:
+            return connection.execute(_NEXT_DUE).scalar()
 
     def retry_now(self, message_id: str, now: datetime) -> int:
         """Make a message's deferred recipients due at once; how many there were."""

@@ -1,0 +1,107 @@
+"""Fresh mail handed from intake to delivery: queued already claimed, no claim round.
+
+The queue rows stay the record: a handed-over recipient is claimed like any
+other, so should the process die, its claim lapses and it is delivered later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlmodel import Session, select
+
+from consent_registry.db import make_engine, session_scope
+from consent_registry.models import QueueRecipient
+from gateway.app import initialise
+from gateway.delivery import DeliveryWorker
+from gateway.queue import Claim, QueuedRecipient, QueueStore
+from gateway.settings import Settings
+
+LEASE = timedelta(minutes=10)
+NOW = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def queue(make_settings: Callable[..., Settings]) -> Iterator[QueueStore]:
+    settings = make_settings()
+    initialise(settings)
+    engine = make_engine(settings.database_url)
+    try:
+        yield QueueStore(engine, "this-instance", LEASE)
+    finally:
+        engine.dispose()
+
+
+def _queue_claimed(queue: QueueStore, message_id: str, claim: Claim | None) -> tuple[int, ...]:
+    recipients = [
+        QueuedRecipient("a@practice.example"),
+        QueuedRecipient("held@partner.example", reason="UNKNOWN_EXTERNAL", quarantined=True),
+        QueuedRecipient("b@practice.example", protection="tls_required"),
+    ]
+    with session_scope(queue.engine) as session:
+        claimed = QueueStore.enqueue(
+            session, message_id, "dr@practice.example", "drsmith", 10, recipients, NOW, claim=claim
+        )
+    return tuple(r.row_id for r in claimed)
+
+
+def test_recipients_queued_claimed_are_returned_with_their_rows_and_held_ones_stay_unclaimed(
+    queue: QueueStore,
+) -> None:
+    until = NOW + LEASE
+    ids = _queue_claimed(queue, "M1", Claim("this-instance", until))
+
+    with Session(queue.engine) as session:
+        rows = {r.address: r for r in session.exec(select(QueueRecipient)).all()}
+    assert ids == (rows["a@practice.example"].id, rows["b@practice.example"].id)
+    assert [(rows[a].claimed_by, rows[a].claimed_until) for a in sorted(rows)] == [
+        ("this-instance", until),
+        ("this-instance", until),
+        (None, None),
+    ]
+    assert rows["b@practice.example"].protection == "tls_required"
+
+
+def test_a_handed_over_recipient_is_nobody_elses_until_its_claim_lapses(
+    queue: QueueStore,
+) -> None:
+    until = NOW + LEASE
+    _queue_claimed(queue, "M1", Claim("this-instance", until))
+    other = QueueStore(queue.engine, "other-instance", LEASE)
+
+    assert other.claim_due(NOW + timedelta(minutes=1), 10) == []
+    assert queue.next_due() == until  # claimed: not due before the lease ends
+    taken = other.claim_due(until + timedelta(seconds=1), 10)
+    assert [r.address for m in taken for r in m.recipients] == [
+        "a@practice.example",
+        "b@practice.example",
+    ]
+
+
+def test_without_a_claim_recipients_are_due_at_once(queue: QueueStore) -> None:
+    assert _queue_claimed(queue, "M1", None) == ()
+    assert queue.next_due() == NOW
+    taken = queue.claim_due(NOW, 10)
+    assert [m.message_id for m in taken] == ["M1"]
+
+
+def test_delivery_reserves_no_more_slots_than_it_has(queue: QueueStore) -> None:
+    # Collaborators the slot accounting never touches.
+    worker = DeliveryWorker(queue, None, None, None, None, None, None, concurrency=2)  # type: ignore[arg-type]
+
+    async def scenario() -> list[bool]:
+        first, second, third = (worker.reserve(NOW) for _ in range(3))
+        assert first == Claim("this-instance", NOW + LEASE)
+        seen = [first is not None, second is not None, third is not None]
+        worker.hand_over(None)  # the store failed: the slot is free again
+        seen.append(worker.reserve(NOW) is not None)
+        worker.stop()
+        worker.hand_over(None)
+        worker.hand_over(None)
+        seen.append(worker.reserve(NOW) is not None)  # a stopping worker takes nothing new
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, False, True, False]
