@@ -250,12 +250,14 @@ def sink_process(cert: Path, key: Path) -> Iterator[tuple[int, SinkCounters]]:
 # Where cgw serve runs with other than its defaults, and why: no implicit-TLS
 # listener (unused), no delay after a login (every worker logs in at once), 100
 # connections per client address instead of 20 (the load generator opens 50
-# from 127.0.0.1) and a short shutdown grace (the bench waits for it).
+# from 127.0.0.1), a short shutdown grace (the bench waits for it), and one
+# worker process per core, as docs/deployment.md advises for a busy gateway.
 GATEWAY_OVERRIDES = {
     "smtps_listen": "",
     "auth_backoff": "0s",
     "max_connections_per_client": "100",
     "shutdown_grace": "5s",
+    "workers": str(len(os.sched_getaffinity(0))),
 }
 
 
@@ -392,13 +394,39 @@ def _started(process: subprocess.Popen[str]) -> RunningGateway:
     return gateway
 
 
+def gateway_pids(pid: int) -> list[int]:
+    """``cgw serve`` and the worker processes it started (``CGW_WORKERS``)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        children = []
+    return [pid, *map(int, children)]
+
+
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB, from /proc."""
-    figures = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            figures[name] = int(value.split()[0])
+    """Memory of ``cgw serve`` and its workers, in KiB, from /proc.
+
+    VmRSS and Pss summed over the processes (Pss counts a page shared by
+    several, such as the interpreter's code, once in all: the memory the
+    machine gives the gateway), VmHWM (peak RSS) as the highest of any one
+    process and as their sum (an upper bound: the peaks need not coincide).
+    """
+    figures = {"VmRSS": 0, "Pss": 0, "VmHWM": 0, "VmHWM_max": 0}
+    for process in gateway_pids(pid):
+        try:
+            status = Path(f"/proc/{process}/status").read_text()
+            rollup = Path(f"/proc/{process}/smaps_rollup").read_text()
+        except (FileNotFoundError, ProcessLookupError):  # a worker that exited meanwhile
+            continue
+        values = {}
+        for line in (*status.splitlines(), *rollup.splitlines()):
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "Pss"):
+                values[name] = int(value.split()[0])
+        figures["VmRSS"] += values["VmRSS"]
+        figures["Pss"] += values["Pss"]
+        figures["VmHWM"] += values["VmHWM"]
+        figures["VmHWM_max"] = max(figures["VmHWM_max"], values["VmHWM"])
     return figures
 
 

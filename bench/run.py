@@ -191,12 +191,13 @@ async def measure_cell(
 
 
 class RssSampler:
-    """The highest VmRSS of a process, read from /proc every 50 ms in a thread
-    (so that a busy event loop in this process does not skip samples)."""
+    """The highest summed VmRSS and Pss of ``cgw serve`` and its workers, read
+    from /proc every 50 ms in a thread (so that a busy event loop in this
+    process does not skip samples)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.highest_kib = 0
+        self.highest_kib = {"VmRSS": 0, "Pss": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
 
@@ -210,8 +211,9 @@ class RssSampler:
 
     def _sample(self) -> None:
         while True:
-            rss = harness.memory_kib(self.pid)["VmRSS"]
-            self.highest_kib = max(self.highest_kib, rss)
+            figures = harness.memory_kib(self.pid)
+            for name, highest in self.highest_kib.items():
+                self.highest_kib[name] = max(highest, figures[name])
             if self._stop.wait(0.05):
                 return
 
@@ -239,11 +241,14 @@ async def measure_rss(
         "messages": sent.accepted,
         "size": plan.rss_size,
         "concurrency": plan.rss_concurrency,
+        "processes": len(harness.gateway_pids(gateway.pid)),
         "seconds": round(delivered_at - sent.started, 1),
         "rss_before_mib": round(at_start["VmRSS"] / KIB, 1),
-        "rss_highest_sampled_mib": round(sampler.highest_kib / KIB, 1),
+        "rss_highest_sampled_mib": round(sampler.highest_kib["VmRSS"] / KIB, 1),
+        "pss_highest_sampled_mib": round(sampler.highest_kib["Pss"] / KIB, 1),
         "rss_after_mib": round(after["VmRSS"] / KIB, 1),
-        "vmhwm_mib": round(after["VmHWM"] / KIB, 1),
+        "vmhwm_mib": round(after["VmHWM_max"] / KIB, 1),
+        "vmhwm_sum_mib": round(after["VmHWM"] / KIB, 1),
     }
 
 
@@ -341,14 +346,21 @@ def run_cells(plan: Plan, rig: Rig) -> list[Cell]:
     return cells
 
 
-def run_rss(plan: Plan, rig: Rig) -> dict[str, Any]:
-    """Memory on a fresh ``cgw serve`` (its VmHWM counts from its own start)."""
-    progress(
-        f"memory: {plan.rss_messages} messages of {plan.rss_size:,} bytes at concurrency "
-        f"{plan.rss_concurrency} ({harness.KIND_BY_KEY[plan.rss_kind].label})"
-    )
-    with harness.gateway_process(rig.template, rig.tmp / "cgw", rig.settings) as gateway:
-        return asyncio.run(measure_rss(gateway, plan, rig.counters))
+def run_rss(plan: Plan, rig: Rig) -> list[dict[str, Any]]:
+    """Memory on a fresh ``cgw serve`` (its VmHWM counts from its own start): with
+    one process (the default) and, where it differs, with the throughput cells'
+    worker processes."""
+    measured = []
+    for workers in sorted({"1", rig.settings["workers"]}, key=int):
+        progress(
+            f"memory: {plan.rss_messages} messages of {plan.rss_size:,} bytes at concurrency "
+            f"{plan.rss_concurrency} ({harness.KIND_BY_KEY[plan.rss_kind].label}), "
+            f"{workers} worker process(es)"
+        )
+        settings = {**rig.settings, "workers": workers}
+        with harness.gateway_process(rig.template, rig.tmp / "cgw", settings) as gateway:
+            measured.append(asyncio.run(measure_rss(gateway, plan, rig.counters)))
+    return measured
 
 
 def cell_rows(cells: Sequence[Cell]) -> list[list[str]]:
@@ -381,7 +393,9 @@ def cell_rows(cells: Sequence[Cell]) -> list[list[str]]:
     return rows
 
 
-def report(cells: Sequence[Cell], rss: dict[str, Any] | None, policy_figures: Any) -> list[str]:
+def report(
+    cells: Sequence[Cell], rss: list[dict[str, Any]] | None, policy_figures: Any
+) -> list[str]:
     lines = table_lines(
         [
             "size",
@@ -401,12 +415,21 @@ def report(cells: Sequence[Cell], rss: dict[str, Any] | None, policy_figures: An
     for cell in cells:
         for line in cell.gateway_log:
             lines.append(f"cgw ({cell.kind}, {size_label(cell.size)}, c{cell.concurrency}): {line}")
-    if rss is not None:
+    for figures in rss or []:
+        processes = figures["processes"]
+        summed = (
+            f"; all {processes} together: highest sampled VmRSS "
+            f"{figures['rss_highest_sampled_mib']:.0f} MiB, Pss "
+            f"{figures['pss_highest_sampled_mib']:.0f} MiB"
+            if processes > 1
+            else f", highest sampled VmRSS {figures['rss_highest_sampled_mib']:.0f} MiB"
+        )
         lines.append(
-            f"cgw serve memory, {rss['messages']} x {rss['size']:,} bytes ({rss['kind']}) at "
-            f"concurrency {rss['concurrency']}: peak RSS (VmHWM) {rss['vmhwm_mib']:.0f} MiB, "
-            f"highest sampled VmRSS {rss['rss_highest_sampled_mib']:.0f} MiB, "
-            f"{rss['rss_before_mib']:.0f} MiB before, {rss['rss_after_mib']:.0f} MiB after"
+            f"cgw serve memory, {processes} process(es), {figures['messages']} x "
+            f"{figures['size']:,} bytes ({figures['kind']}) at concurrency "
+            f"{figures['concurrency']}: peak RSS (VmHWM) {figures['vmhwm_mib']:.0f} MiB"
+            f"{' per process' if processes > 1 else ''}{summed}; "
+            f"{figures['rss_before_mib']:.0f} MiB before, {figures['rss_after_mib']:.0f} MiB after"
         )
     if policy_figures is not None:
         lines.append(

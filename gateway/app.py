@@ -12,6 +12,7 @@ import contextlib
 import logging
 import ssl
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from consent_registry.db import make_engine, migrate
 from consent_registry.writes import GroupCommit
 from gateway.audit import AuditLog, audit_key
 from gateway.auth import Authenticator
+from gateway.budget import MachineTurn
 from gateway.crypto_at_rest import StorageKey, storage_key
-from gateway.delivery import DeliveryWorker
+from gateway.delivery import DELIVERY_MEMORY, DeliveryWorker
 from gateway.intake import Intake
 from gateway.mx import make_resolver
 from gateway.mx_relay import MxRelay
@@ -128,8 +130,11 @@ class Listener:
 class Gateway:
     """One running gateway instance."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ports: Sequence[int] = ()) -> None:
+        """``ports``: the ports the first process bound (``gateway.workers``), in
+        the order this gateway listens, for the ``:0`` (any port) of settings."""
         self.settings = settings
+        self.ports = list(ports)
         self.listeners: list[Listener] = []
         self._servers: list[asyncio.Server] = []
         self._limiters: list[ConnectionLimiter] = []
@@ -159,7 +164,17 @@ class Gateway:
         )
         protector = Protector(engine, settings.protect_subject, archive, signer)
         gate = PolicyGate(engine, settings.policy())
-        self.worker = DeliveryWorker(queue, spool, relay, retry, reports, protector, gate)
+        self.worker = DeliveryWorker(
+            queue,
+            spool,
+            relay,
+            retry,
+            reports,
+            protector,
+            gate,
+            memory=DELIVERY_MEMORY // settings.workers,
+            large=MachineTurn(settings.spool_dir / "large-delivery.lock"),
+        )
         intake = Intake(
             writes, spool, audit, reports, settings.hostname, self.wake, deliveries=self.worker
         )
@@ -247,12 +262,16 @@ class Gateway:
         # On the implicit-TLS port a session (its cap, its idle timer) begins
         # after the handshake: a client that never starts one is dropped after
         # the idle timeout, not held for asyncio's default minute.
+        # Several workers each bind the port with SO_REUSEPORT: the kernel
+        # spreads connections over them evenly. (One socket shared by all
+        # would hand a burst of connections to whichever process woke first.)
         server = await loop.create_server(
             protocol,
             address.host,
-            address.port,
+            self.ports.pop(0) if self.ports else address.port,
             ssl=tls if implicit else None,
             reuse_address=True,
+            reuse_port=settings.workers > 1,
             ssl_handshake_timeout=settings.smtp_idle_timeout.total_seconds() if implicit else None,
         )
         self._servers.append(server)

@@ -14,7 +14,10 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import fcntl
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 _MMAP_THRESHOLD = 128 << 10
@@ -66,3 +69,34 @@ class OctetBudget:
             async with self._changed:
                 self.used -= size
                 self._changed.notify_all()
+
+
+class MachineTurn:
+    """One message larger than a worker's budget in delivery at a time on this
+    machine, among all ``cgw serve`` worker processes (``CGW_WORKERS``).
+
+    Each worker's ``OctetBudget`` lets one message larger than the budget go
+    alone; with several workers, each would, and their peaks would add up.
+    The turn is ``flock`` on a file beside the spool, polled: such a delivery
+    takes far longer than the poll, and a waiter that is cancelled while
+    polling cannot leave the lock taken (a thread blocked in ``flock`` could).
+    """
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(self.POLL_SECONDS)
+            yield
+        finally:
+            os.close(fd)  # and with it the lock

@@ -19,7 +19,7 @@ from sqlmodel import Session
 
 from gateway import replies
 from gateway.bounce import FailedRecipient, failure_status
-from gateway.budget import OctetBudget
+from gateway.budget import MachineTurn, OctetBudget
 from gateway.headers import storable
 from gateway.policy_gate import PolicyGate
 from gateway.protection import ProtectionUnavailable, Protector
@@ -47,7 +47,8 @@ POLL_SECONDS = 5.0
 # allows 20 per destination by default.
 DELIVERY_CONCURRENCY = 16
 # Octets of message in delivery at once (see ``budget``): 32 MiB of messages
-# cost about 160 MB at most; one larger message goes alone.
+# cost about 160 MB at most; one larger message goes alone. Shared by the
+# worker processes of one machine (``CGW_WORKERS``), each taking its part.
 DELIVERY_MEMORY = 32 << 20
 
 
@@ -64,6 +65,7 @@ class DeliveryWorker:
         concurrency: int = DELIVERY_CONCURRENCY,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         memory: int = DELIVERY_MEMORY,
+        large: MachineTurn | None = None,
     ) -> None:
         self.queue = queue
         self.spool = spool
@@ -75,6 +77,7 @@ class DeliveryWorker:
         self.clock = clock
         self.concurrency = concurrency
         self.memory = OctetBudget(memory)
+        self.large = large  # for messages over ``memory``: see ``MachineTurn``
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._reserved = 0  # slots promised to messages being queued (``reserve``)
@@ -183,7 +186,11 @@ class DeliveryWorker:
 
     async def _deliver(self, message: ClaimedMessage) -> None:
         async with self.memory.hold(message.size):
-            await self._deliver_within_budget(message)
+            if message.size <= self.memory.limit or self.large is None:
+                await self._deliver_within_budget(message)
+                return
+            async with self.large.hold():  # alone here, and alone among the workers
+                await self._deliver_within_budget(message)
 
     async def _deliver_within_budget(self, message: ClaimedMessage) -> None:
         results: dict[str, RecipientResult] = {}

@@ -230,6 +230,9 @@ class Settings(BaseSettings):
     shutdown_grace: Duration = timedelta(seconds=30)
     spool: Literal["auto", "files", "database"] = "auto"
     claim_lease: Duration = timedelta(minutes=10)
+    # Processes of ``cgw serve`` on the same ports (``gateway.workers``): one
+    # per core uses the machine; 1 keeps one process.
+    workers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("hostname", "instance_name")
     @classmethod

@@ -84,7 +84,7 @@ class Spool(abc.ABC):
     def _remove_old_tmp(self, horizon: float) -> None:
         """Messages whose DATA never ended (the process died while they arrived)."""
         for leftover in self.tmp.glob("*.tmp"):
-            if leftover.stat().st_mtime < horizon:
+            if _modified(leftover, default=horizon) < horizon:
                 leftover.unlink(missing_ok=True)
 
     @abc.abstractmethod
@@ -221,7 +221,7 @@ class FileSpool(Spool):
         dropped = [
             mid
             for mid in self.stored_ids()
-            if mid not in keep and self.path(mid).stat().st_mtime < horizon
+            if mid not in keep and _modified(self.path(mid), default=horizon) < horizon
         ]
         for message_id in dropped:
             self.path(message_id).unlink(missing_ok=True)
@@ -310,3 +310,12 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _modified(path: Path, default: float) -> float:
+    """A file's mtime; ``default`` if it is gone (another worker process
+    removed it between the listing and now)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return default

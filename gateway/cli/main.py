@@ -46,3 +46,7 @@ cli.add_command(demo)
 
 def main() -> None:
     cli(prog_name="cgw")
+
+
+if __name__ == "__main__":  # how ``cgw serve`` starts its other workers
+    main()

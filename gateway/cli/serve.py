@@ -17,11 +17,12 @@ from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from gateway.logs import LogFormat
 from gateway.settings import ListenAddress, Settings, masked_settings
+from gateway.workers import WorkerFailed, Workers, announce_ready
 
 log = logging.getLogger("gateway")
 
 if TYPE_CHECKING:
-    from gateway.app import Listener
+    from gateway.app import Gateway, Listener
 
 
 def client_instructions(settings: Settings, listeners: Sequence[Listener]) -> str:
@@ -78,13 +79,33 @@ def init() -> None:
     show_default=True,
     help="json: one JSON object per line on stdout (for Docker and log shippers).",
 )
-def serve(log_level: str, log_format: LogFormat) -> None:
+# How the first process starts the others (``gateway.workers``); not for people.
+@click.option("--worker", type=click.IntRange(min=2), hidden=True)
+@click.option("--ports", hidden=True, default="")
+@click.option("--lifeline-fd", type=int, hidden=True)
+def serve(
+    log_level: str,
+    log_format: LogFormat,
+    worker: int | None,
+    ports: str,
+    lifeline_fd: int | None,
+) -> None:
     """Run the gateway: submission, delivery and retries."""
     config = context.settings()
     logs.configure(log_level, log_format)
     return_large_buffers_to_the_system()
     try:
-        asyncio.run(_serve(config, log_format))
+        if worker is None:
+            options = ["--log-level", log_level, "--log-format", log_format]
+            asyncio.run(_serve(config, log_format, options))
+        else:
+            if lifeline_fd is None:
+                raise CliError("--worker needs --ports and --lifeline-fd")
+            bound = [int(port) for port in ports.split(",") if port]
+            named = config.model_copy(update={"instance_name": f"{config.instance_name}.{worker}"})
+            asyncio.run(_serve_as_worker(named, bound, lifeline_fd))
+    except WorkerFailed as exc:
+        raise CliError(f"stopped: {exc}") from None
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None
     except SQLAlchemyError as exc:
@@ -93,15 +114,66 @@ def serve(log_level: str, log_format: LogFormat) -> None:
         raise CliError(f"cannot start: {exc}") from None
 
 
-async def _serve(config: Settings, log_format: LogFormat) -> None:
-    from gateway.app import Gateway
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+
+async def _serve(config: Settings, log_format: LogFormat, options: Sequence[str]) -> None:
+    from gateway.app import STAGE_STOP_SECONDS, Gateway
 
     gateway = Gateway(config)
     await gateway.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    _stop_on_signals(stop)
+    stop_seconds = config.shutdown_grace.total_seconds() + STAGE_STOP_SECONDS + 10
+    ports = [listener.address.port for listener in gateway.listeners]
+    workers = Workers(config.workers, ports, options, stop_seconds)
+    try:
+        await workers.start()
+    except BaseException:
+        await gateway.stop()
+        raise
+    _announce(config, gateway, log_format)
+    stopped = asyncio.ensure_future(stop.wait())
+    exited = asyncio.ensure_future(workers.exited())
+    await asyncio.wait((stopped, exited), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    exited.cancel()
+    failure = None
+    if exited.done() and not exited.cancelled():
+        sentence, failed = exited.result()
+        (log.error if failed else log.warning)("%s: stopping the gateway", sentence)
+        failure = sentence if failed else None
+    log.info("stopping: finishing SMTP transactions and deliveries in flight")
+    await asyncio.gather(gateway.stop(), workers.stop())
+    log.info("stopped", extra={"event": "stopped"})
+    if failure is not None:
+        raise WorkerFailed(failure)
+
+
+async def _serve_as_worker(config: Settings, ports: Sequence[int], lifeline: int) -> None:
+    """One of the other workers: serve on the first process's ports until
+    told to stop, or until the first process is gone."""
+    from gateway.app import Gateway
+
+    gateway = Gateway(config, ports)
+    await gateway.start()
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    reader, _writer = await announce_ready(lifeline)
+    stopped = asyncio.ensure_future(stop.wait())
+    orphaned = asyncio.ensure_future(reader.read())
+    await asyncio.wait((stopped, orphaned), return_when=asyncio.FIRST_COMPLETED)
+    if orphaned.done():
+        log.warning("the first cgw serve process is gone: stopping")
+    stopped.cancel()
+    orphaned.cancel()
+    await gateway.stop()
+
+
+def _announce(config: Settings, gateway: Gateway, log_format: LogFormat) -> None:
     delivery = config.delivery.describe()
     if config.delivery.kind == "outbox":
         delivery += f" ({config.outbox_dir})"
@@ -113,21 +185,20 @@ async def _serve(config: Settings, log_format: LogFormat) -> None:
                 "listening": {str(li.address): li.label for li in gateway.listeners},
                 "delivery": delivery,
                 "instance": config.instance_name,
+                "workers": config.workers,
             },
         )
-    else:
-        click.echo("Consent Gateway is running.")
-        for listener in gateway.listeners:
-            click.echo(f"  listening on {listener.address}  {listener.label}")
-        click.echo(f"  delivering to {delivery}")
-        domains = ", ".join(sorted(config.practice_domains)) or "(none set)"
-        click.echo(f"  practice domains: {domains}")
-        click.echo(client_instructions(config, gateway.listeners))
-        click.echo("Stop with Ctrl-C.", nl=True)
-    await stop.wait()
-    log.info("stopping: finishing SMTP transactions and deliveries in flight")
-    await gateway.stop()
-    log.info("stopped", extra={"event": "stopped"})
+        return
+    click.echo("Consent Gateway is running.")
+    for listener in gateway.listeners:
+        click.echo(f"  listening on {listener.address}  {listener.label}")
+    if config.workers > 1:
+        click.echo(f"  {config.workers} worker processes")
+    click.echo(f"  delivering to {delivery}")
+    domains = ", ".join(sorted(config.practice_domains)) or "(none set)"
+    click.echo(f"  practice domains: {domains}")
+    click.echo(client_instructions(config, gateway.listeners))
+    click.echo("Stop with Ctrl-C.", nl=True)
 
 
 @click.group()

@@ -17,13 +17,15 @@ import asyncio
 import itertools
 import re
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.budget import OctetBudget
+from gateway.budget import MachineTurn, OctetBudget
 from gateway.crypto_at_rest import CHUNK_SIZE, StorageKey
 from gateway.intake import HEADER_LIMIT, HeaderTooLarge, IncomingMessage
 from gateway.relay import dot_stuffed
@@ -199,3 +201,56 @@ def test_the_budget_shares_small_messages_and_serves_large_ones_alone_and_in_ord
         return log
 
     assert asyncio.run(scenario()) == ["+a", "+b", "-a", "-b", "+big", "-big", "+c", "-c"]
+
+
+_HOLD_THE_TURN = """
+import asyncio, sys
+from pathlib import Path
+from gateway.budget import MachineTurn
+
+async def main():
+    async with MachineTurn(Path(sys.argv[1])).hold():
+        print("holding", flush=True)
+        sys.stdin.readline()
+
+asyncio.run(main())
+"""
+
+
+def test_a_large_delivery_waits_for_another_worker_process_holding_the_machine_turn(
+    tmp_path: Path,
+) -> None:
+    lock = tmp_path / "large-delivery.lock"
+    other = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_THE_TURN, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert other.stdin is not None and other.stdout is not None
+    try:
+        assert other.stdout.readline() == "holding\n"
+
+        async def scenario() -> list[str]:
+            turn = MachineTurn(lock)
+            log: list[str] = []
+
+            async def ours() -> None:
+                async with turn.hold():
+                    log.append("ours")
+
+            given_up = asyncio.create_task(ours())  # a waiter cancelled while it polls
+            await asyncio.sleep(0.12)
+            given_up.cancel()
+            await asyncio.gather(given_up, return_exceptions=True)
+            waiting = asyncio.create_task(ours())
+            await asyncio.sleep(0.3)  # several polls: still the other process's turn
+            log.append("other ends")
+            other.stdin.close()  # type: ignore[union-attr]
+            await asyncio.wait_for(waiting, 10)
+            return log
+
+        assert asyncio.run(scenario()) == ["other ends", "ours"]
+    finally:
+        other.kill()
+        other.wait()
