@@ -15,6 +15,7 @@ import binascii
 import collections
 import contextlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -92,6 +93,14 @@ class SubmissionEnvelope(Envelope):
         self.message: IncomingMessage | None = None
 
 
+# A path in its everyday form: <dot-atom@LDH-labels>, ASCII. Anything else
+# (quoted local parts, address literals, UTF-8, spaces) goes to aiosmtpd's
+# full RFC 5322 parser, which returns the same for these (a property test).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PLAIN_PATH = re.compile(rf"<(({_ATEXT}(?:\.{_ATEXT})*)@{_LABEL}(?:\.{_LABEL})*)>")
+
+
 class SubmissionProtocol(SMTP):
     # RFC 5321 4.5.3.1.6: a text line is at most 1,000 octets with its CRLF
     # (aiosmtpd's default allows 1,001).
@@ -124,11 +133,23 @@ class SubmissionProtocol(SMTP):
         """Refuse source routes (<@relay:user@host>) and control characters.
 
         aiosmtpd's parser would drop a route, or a CR inside the brackets, and
-        pass on an address the client never wrote.
+        pass on an address the client never wrote; it fails on a lone ``<``.
         """
         if arg.lstrip().startswith("<@") or any(ord(c) < 32 or ord(c) == 127 for c in arg):
             return None, None
-        return super()._getaddr(arg)
+        plain = _PLAIN_PATH.match(arg)
+        rest = arg[plain.end() :].lstrip(" \t") if plain else ""
+        if plain is None or rest.startswith("("):  # a comment: the parser's business
+            try:
+                return super()._getaddr(arg)
+            except IndexError:  # the parser's answer to a lone "<": a syntax error, not a fault
+                return None, None
+        # The everyday form, as the full parser would read it: it cost a tenth
+        # of the event loop's time at load (two paths a message).
+        address = plain.group(1)
+        if self.local_part_limit and len(plain.group(2)) > self.local_part_limit:
+            return None, None
+        return address, rest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is not None:  # the TLS layer after STARTTLS

@@ -11,12 +11,15 @@ import base64
 import logging
 import smtplib
 import socket
+import string
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
-from aiosmtpd.smtp import TLSSetupException
+from aiosmtpd.smtp import SMTP, TLSSetupException
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlmodel import Session, select
 
 from consent_registry.db import make_engine, session_scope
@@ -24,7 +27,7 @@ from consent_registry.models import AuditEvent
 from consent_registry.users import disable_user
 from gateway import replies
 from gateway.settings import Settings
-from gateway.smtp import SubmissionHandler
+from gateway.smtp import SubmissionHandler, SubmissionProtocol
 from tests.conftest import DOMAIN, PASSWORD
 from tests.runner import GatewayThread
 from tests.sink import Sink
@@ -279,6 +282,18 @@ def test_unknown_external_recipient_is_refused_when_the_practice_says_so(
     assert (denied.recipient, denied.reason) == ("patient@example.org", "UNKNOWN_EXTERNAL")
 
 
+@pytest.mark.parametrize("command", ["MAIL FROM:<", "MAIL FROM:<>", "MAIL FROM:<a@"])
+def test_a_truncated_path_is_a_syntax_error_not_a_fault(
+    gateway: GatewayThread, command: str
+) -> None:
+    # "<" alone once reached aiosmtpd's parser, failed inside it and got 451.
+    client = gateway.logged_in("drsmith", PASSWORD)
+    verb, argument = command.split(" ", 1)
+    code, text = client.docmd(verb, argument)
+    assert code == 553, text  # staff mail has a sender: the null path is refused too
+    client.quit()
+
+
 @pytest.mark.parametrize(
     "address",
     [
@@ -408,3 +423,29 @@ def test_a_client_that_went_away_is_logged_as_such_not_as_a_fault(
     assert [(r.levelno, r.exc_info is not None) for r in caplog.records] == [
         (level, level == logging.ERROR)
     ]
+
+
+_ATEXT = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-"
+_atoms = st.text(_ATEXT, min_size=1, max_size=8)
+_labels = st.from_regex(r"\A[A-Za-z0-9]([A-Za-z0-9-]{0,6}[A-Za-z0-9])?\Z")
+_plain_paths = st.builds(
+    lambda local, domain, rest: f"<{'.'.join(local)}@{'.'.join(domain)}>{rest}",
+    st.lists(_atoms, min_size=1, max_size=3),
+    st.lists(_labels, min_size=1, max_size=3),
+    st.sampled_from(["", " SIZE=4096", "  BODY=8BITMIME SMTPUTF8", "x", ">", " (c) SIZE=1"]),
+)
+_anything_bracketed = st.text(string.printable.strip() + " ", max_size=30).map(lambda t: "<" + t)
+
+
+@settings(max_examples=500)
+@given(st.one_of(_plain_paths, _anything_bracketed), st.sampled_from([0, 4, 64]))
+def test_the_fast_path_reads_a_path_as_aiosmtpds_parser_does(arg: str, limit: int) -> None:
+    # MAIL FROM and RCPT TO arguments in their everyday form skip the full
+    # RFC 5322 parser; whatever the fast path reads, the parser reads alike.
+    protocol = SubmissionProtocol.__new__(SubmissionProtocol)
+    protocol.local_part_limit = limit
+    try:
+        parsed = SMTP._getaddr(protocol, arg)
+    except IndexError:  # aiosmtpd's parser on a lone "<" and the like
+        parsed = (None, None)
+    assert protocol._getaddr(arg) == parsed
