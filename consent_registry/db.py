@@ -12,14 +12,16 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 if TYPE_CHECKING:
@@ -102,6 +104,10 @@ _SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, WriterTurn] = weakref.WeakKey
 _SQLITE_WRITERS_GUARD = threading.Lock()
 
 
+# How long a writer waits for the turn, as SQLite's busy timeout (``_tune_sqlite``).
+TURN_WAIT_SECONDS = 30.0
+
+
 class WriterTurn:
     """The turn to write to one SQLite file, among threads and processes.
 
@@ -126,14 +132,41 @@ class WriterTurn:
         self._threads.acquire()
         try:
             if self._depth == 0 and self._path is not None:
-                if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                self._take(self._open(self._path))
             self._depth += 1
         except BaseException:
             self._threads.release()
             raise
         return self
+
+    def _open(self, path: Path) -> int:
+        if self._fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.geteuid() == 0:  # root's CLI must not lock out the gateway's user
+                database = path.with_name(path.name.removesuffix(".write-lock"))
+                with suppress(FileNotFoundError):
+                    owner = database.stat()
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+            self._fd = fd
+        return self._fd
+
+    @staticmethod
+    def _take(fd: int) -> None:
+        """``flock``, polled with growing pauses up to ``TURN_WAIT_SECONDS``, as
+        SQLite's busy timeout would: a writer that never lets go (a CLI stopped
+        with Ctrl-Z mid-transaction) then costs 451s, not a gateway that hangs."""
+        pause = 0.0002
+        deadline = time.monotonic() + TURN_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    locked = sqlite3.OperationalError("database is locked (the write turn)")
+                    raise OperationalError("flock", None, locked) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.002)
 
     def __exit__(self, *_: object) -> None:
         self._depth -= 1

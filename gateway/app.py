@@ -24,7 +24,7 @@ from gateway.audit import AuditLog, audit_key
 from gateway.auth import Authenticator
 from gateway.budget import MachineTurn
 from gateway.crypto_at_rest import StorageKey, storage_key
-from gateway.delivery import DELIVERY_MEMORY, DeliveryWorker
+from gateway.delivery import DELIVERY_MEMORY, DELIVERY_MEMORY_PART, DeliveryWorker
 from gateway.intake import Intake
 from gateway.mx import make_resolver
 from gateway.mx_relay import MxRelay
@@ -172,7 +172,7 @@ class Gateway:
             reports,
             protector,
             gate,
-            memory=DELIVERY_MEMORY // settings.workers,
+            memory=max(DELIVERY_MEMORY // settings.workers, DELIVERY_MEMORY_PART),
             large=MachineTurn(settings.spool_dir / "large-delivery.lock"),
         )
         intake = Intake(

@@ -48,8 +48,11 @@ POLL_SECONDS = 5.0
 DELIVERY_CONCURRENCY = 16
 # Octets of message in delivery at once (see ``budget``): 32 MiB of messages
 # cost about 160 MB at most; one larger message goes alone. Shared by the
-# worker processes of one machine (``CGW_WORKERS``), each taking its part.
+# worker processes of one machine (``CGW_WORKERS``), each taking its part,
+# but not less than DELIVERY_MEMORY_PART: with many workers, an ordinary
+# attachment would otherwise count as large and wait for the machine's turn.
 DELIVERY_MEMORY = 32 << 20
+DELIVERY_MEMORY_PART = 8 << 20
 
 
 class DeliveryWorker:
@@ -109,6 +112,8 @@ class DeliveryWorker:
         """Deliver what was queued under a ``reserve``d slot; None gives the slot back
         (the store failed, or nothing was due)."""
         self._reserved -= 1
+        if self._stopping:  # the rows stay claimed: released at the next start
+            return
         if message is not None and message.recipients:
             self._start(message)
         elif self._more_due:
@@ -148,11 +153,16 @@ class DeliveryWorker:
         claimed: list[ClaimedMessage] = []
         if free > 0 and self._more_due:
             self._reserved += free  # a hand-over meanwhile must not take these slots too
+            self._more_due = False  # a wake during the claim sets it again
             try:
                 claimed = await asyncio.to_thread(self.queue.claim_due, self.clock(), free)
+            except BaseException:
+                self._more_due = True
+                raise
             finally:
                 self._reserved -= free
-            self._more_due = len(claimed) >= free  # a full claim: more may be due
+            if len(claimed) >= free:  # a full claim: more may be due
+                self._more_due = True
             for message in claimed:
                 self._start(message)
         if not claimed:
@@ -185,12 +195,14 @@ class DeliveryWorker:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     async def _deliver(self, message: ClaimedMessage) -> None:
-        async with self.memory.hold(message.size):
-            if message.size <= self.memory.limit or self.large is None:
+        if self.large is None or message.size <= self.memory.limit:
+            async with self.memory.hold(message.size):
                 await self._deliver_within_budget(message)
-                return
-            async with self.large.hold():  # alone here, and alone among the workers
-                await self._deliver_within_budget(message)
+            return
+        # Alone among the workers first, holding none of this worker's budget
+        # while it waits, so that smaller messages here go on meanwhile.
+        async with self.large.hold(), self.memory.hold(message.size):
+            await self._deliver_within_budget(message)
 
     async def _deliver_within_budget(self, message: ClaimedMessage) -> None:
         results: dict[str, RecipientResult] = {}

@@ -231,15 +231,17 @@ class Intake:
                 raise StorageFullError(str(message.fault)) from message.fault
             raise message.fault
         now = self.clock()
-        claim = self.deliveries.reserve(now) if self.deliveries is not None else None
-        handed: ClaimedMessage | None = None
-        try:
-            kept, handed, more = await asyncio.to_thread(
-                self._store, sender, mail_from, decided, message, now, claim
-            )
-        finally:
-            if self.deliveries is not None and claim is not None:
-                self.deliveries.hand_over(handed)
+        deliveries = self.deliveries
+        claim = deliveries.reserve(now) if deliveries is not None else None
+        store = asyncio.ensure_future(
+            asyncio.to_thread(self._store, sender, mail_from, decided, message, now, claim)
+        )
+        if deliveries is not None and claim is not None:
+            # Handed over when the store ends, not when this session does: a
+            # client that hangs up after "." cancels the session while the
+            # store may still commit recipients claimed for this slot.
+            store.add_done_callback(lambda done: deliveries.hand_over(_handed(done)))
+        kept, handed, more = await asyncio.shield(store)
         message_id = message.message_id
         held = sum(d.outcome is Outcome.QUARANTINE for _, d in decided)
         refused = sum(d.outcome is Outcome.DENY for _, d in decided)
@@ -370,6 +372,15 @@ class Intake:
     ) -> None:
         entry = _decision_entry(AuditAction.MESSAGE_DENIED, sender, recipient, decision)
         self.writes.run(lambda session: self.audit.record(session, entry, now))
+
+
+def _handed(
+    store: asyncio.Future[tuple[bool, ClaimedMessage | None, bool]],
+) -> ClaimedMessage | None:
+    """What a finished store hands to delivery: nothing if it failed."""
+    if store.cancelled() or store.exception() is not None:
+        return None
+    return store.result()[1]
 
 
 def _decision_entry(

@@ -139,7 +139,8 @@ class SubmissionProtocol(SMTP):
             return None, None
         plain = _PLAIN_PATH.match(arg)
         rest = arg[plain.end() :].lstrip(" \t") if plain else ""
-        if plain is None or rest.startswith("("):  # a comment: the parser's business
+        # Comments and RFC 2047 encoded words are the parser's business.
+        if plain is None or rest.startswith("(") or "=?" in plain.group(1):
             try:
                 return super()._getaddr(arg)
             except IndexError:  # the parser's answer to a lone "<": a syntax error, not a fault

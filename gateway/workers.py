@@ -15,9 +15,10 @@ Lifetimes, as Postfix's master runs its daemons:
 - the first process tells the others to stop (SIGTERM) when it stops;
 - a worker whose first process is gone (killed) sees its lifeline (a socket
   pair) close and stops by itself, finishing what it has in flight;
-- a worker that dies is not replaced: the first process stops them all and
-  exits with an error, so that the service manager restarts the gateway
-  whole (a half-running gateway would look healthy to ``cgw status``).
+- a worker that exits (dies, or is stopped on its own) is not replaced: the
+  first process stops them all and exits with an error, so that the service
+  manager restarts the gateway whole (a half-running gateway would look
+  healthy to ``cgw status``).
 """
 
 from __future__ import annotations
@@ -89,9 +90,16 @@ class Workers:
         try:
             for index in range(2, self.count + 1):
                 self._workers.append(await self._spawn(index))
-            await asyncio.wait_for(
-                asyncio.gather(*(self._ready(w) for w in self._workers)), READY_SECONDS
-            )
+            readiness = [asyncio.ensure_future(self._ready(w)) for w in self._workers]
+            try:
+                async with asyncio.timeout(READY_SECONDS):
+                    for ready in asyncio.as_completed(readiness):
+                        await ready
+            except TimeoutError:
+                raise WorkerFailed(f"a worker did not start in {READY_SECONDS:.0f} s") from None
+            finally:
+                for ready in readiness:
+                    ready.cancel()
         except BaseException:
             await self.stop()
             raise
@@ -104,6 +112,9 @@ class Workers:
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         return _Worker(index, process, ours)
@@ -115,40 +126,38 @@ class Workers:
             code = await worker.process.wait()
             raise WorkerFailed(f"worker {worker.index} did not start (exit code {code})")
 
-    async def exited(self) -> tuple[str, bool]:
-        """When a worker exits by itself: a sentence, and whether it failed
-        (any exit but an orderly one, code 0, after a signal to it alone)."""
+    async def exited(self) -> str:
+        """Returns (a sentence) when a worker exits: it was not asked to."""
         waits = {asyncio.ensure_future(w.process.wait()): w for w in self._workers}
         if not waits:
-            await asyncio.Event().wait()  # none to fail: wait for ever (until cancelled)
+            await asyncio.Event().wait()  # none to exit: wait for ever (until cancelled)
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiting in waits:
                 waiting.cancel()
         worker = waits[next(iter(done))]
-        code = worker.process.returncode
-        return f"worker {worker.index} exited (code {code})", code != 0
+        return f"worker {worker.index} exited (code {worker.process.returncode})"
 
     async def stop(self) -> None:
-        """SIGTERM to every worker; wait for them (killed after ``stop_seconds``)."""
+        """SIGTERM to every worker; wait for them all (killed after ``stop_seconds``)."""
         for worker in self._workers:
             if worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signal.SIGTERM)
-        for worker in self._workers:
-            try:
-                await asyncio.wait_for(worker.process.wait(), self.stop_seconds)
-            except TimeoutError:
-                log.error(
-                    "worker %d did not stop in %.0f s: killed", worker.index, self.stop_seconds
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
-                await worker.process.wait()
-            if worker.stream is not None:
-                worker.stream.close()
-            worker.lifeline.close()
+        await asyncio.gather(*(self._stopped(worker) for worker in self._workers))
+
+    async def _stopped(self, worker: _Worker) -> None:
+        try:
+            await asyncio.wait_for(worker.process.wait(), self.stop_seconds)
+        except TimeoutError:
+            log.error("worker %d did not stop in %.0f s: killed", worker.index, self.stop_seconds)
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+            await worker.process.wait()
+        if worker.stream is not None:
+            worker.stream.close()
+        worker.lifeline.close()
 
 
 async def announce_ready(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

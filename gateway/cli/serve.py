@@ -127,7 +127,13 @@ async def _serve(config: Settings, log_format: LogFormat, options: Sequence[str]
     await gateway.start()
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    stop_seconds = config.shutdown_grace.total_seconds() + STAGE_STOP_SECONDS + 10
+    # A worker's own stop: the grace, its stages, a delivery in flight.
+    stop_seconds = (
+        config.shutdown_grace.total_seconds()
+        + STAGE_STOP_SECONDS
+        + config.delivery_timeout.total_seconds()
+        + 10
+    )
     ports = [listener.address.port for listener in gateway.listeners]
     workers = Workers(config.workers, ports, options, stop_seconds)
     try:
@@ -141,11 +147,13 @@ async def _serve(config: Settings, log_format: LogFormat, options: Sequence[str]
     await asyncio.wait((stopped, exited), return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     exited.cancel()
-    failure = None
-    if exited.done() and not exited.cancelled():
-        sentence, failed = exited.result()
-        (log.error if failed else log.warning)("%s: stopping the gateway", sentence)
-        failure = sentence if failed else None
+    # A worker that exits unasked is a failure, unless a stop was asked of
+    # all (Ctrl-C in a terminal reaches every process at once).
+    failure = exited.result() if exited.done() and not exited.cancelled() else None
+    if failure is not None and stop.is_set():
+        failure = None
+    if failure is not None:
+        log.error("%s: stopping the gateway", failure)
     log.info("stopping: finishing SMTP transactions and deliveries in flight")
     await asyncio.gather(gateway.stop(), workers.stop())
     log.info("stopped", extra={"event": "stopped"})
@@ -160,17 +168,19 @@ async def _serve_as_worker(config: Settings, ports: Sequence[int], lifeline: int
 
     gateway = Gateway(config, ports)
     await gateway.start()
-    stop = asyncio.Event()
-    _stop_on_signals(stop)
-    reader, _writer = await announce_ready(lifeline)
-    stopped = asyncio.ensure_future(stop.wait())
-    orphaned = asyncio.ensure_future(reader.read())
-    await asyncio.wait((stopped, orphaned), return_when=asyncio.FIRST_COMPLETED)
-    if orphaned.done():
-        log.warning("the first cgw serve process is gone: stopping")
-    stopped.cancel()
-    orphaned.cancel()
-    await gateway.stop()
+    try:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        reader, _writer = await announce_ready(lifeline)
+        stopped = asyncio.ensure_future(stop.wait())
+        orphaned = asyncio.ensure_future(reader.read())
+        await asyncio.wait((stopped, orphaned), return_when=asyncio.FIRST_COMPLETED)
+        if orphaned.done():
+            log.warning("the first cgw serve process is gone: stopping")
+        stopped.cancel()
+        orphaned.cancel()
+    finally:
+        await gateway.stop()
 
 
 def _announce(config: Settings, gateway: Gateway, log_format: LogFormat) -> None:

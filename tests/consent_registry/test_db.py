@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
+from consent_registry import db
 from consent_registry.db import (
     HEAD_REVISION,
     alembic_head,
@@ -127,4 +129,45 @@ def test_a_sqlite_write_turn_is_held_against_other_processes_and_given_back(
             still = other_process()  # the inner turn's end is not the outer one's
         assert (nested, still, other_process()) == ("taken", "taken", "free")
     finally:
+        engine.dispose()
+
+
+_HOLD_THE_TURN = """
+import fcntl, sys
+with open(sys.argv[1], "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_writer_that_never_lets_go_costs_an_error_after_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As SQLite's busy timeout would: a CLI stopped mid-transaction (Ctrl-Z)
+    # must cost the gateway errors (451 to clients), not a hang.
+    monkeypatch.setattr(db, "TURN_WAIT_SECONDS", 0.3)
+    database = tmp_path / "cgw.db"
+    engine = make_engine(f"sqlite:///{database}")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_THE_TURN, f"{database}.write-lock"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        with (
+            pytest.raises(OperationalError, match="database is locked"),
+            session_scope(engine) as session,
+        ):
+            session.execute(text("CREATE TABLE t (x INTEGER)"))
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+        with session_scope(engine) as session:  # the turn is free again, and so is ours
+            session.execute(text("CREATE TABLE t (x INTEGER)"))
+    finally:
+        holder.kill()
+        holder.wait()
         engine.dispose()

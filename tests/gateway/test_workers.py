@@ -119,16 +119,19 @@ def test_both_workers_serve_the_port_and_each_message_is_delivered_once(
     assert len(sink.received) == 2  # and nothing was sent twice
 
 
-def test_a_worker_that_dies_stops_the_gateway_with_an_error(
-    two_workers: tuple[Settings, ServeProcess, Sink],
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGKILL, -9), (signal.SIGTERM, 0)])
+def test_a_worker_that_exits_unasked_stops_the_gateway_with_an_error(
+    two_workers: tuple[Settings, ServeProcess, Sink], signum: int, code: int
 ) -> None:
+    # Killed, or stopped on its own: either way a service manager with
+    # Restart=on-failure must see a failure and restart the gateway whole.
     _, serve, _ = two_workers
     (worker,) = _children(serve.process.pid)
-    os.kill(worker, signal.SIGKILL)
-    assert serve.process.wait(30) == 1
+    os.kill(worker, signum)
+    assert serve.process.wait(60) == 1
     serve.stop()
     output = "".join(serve.output)
-    assert "cgw: error: stopped: worker 2 exited (code -9)\n" in output, output
+    assert f"cgw: error: stopped: worker 2 exited (code {code})\n" in output, output
 
 
 def test_a_worker_whose_first_process_was_killed_stops_by_itself(
