@@ -236,11 +236,17 @@ class Intake:
         store = asyncio.ensure_future(
             asyncio.to_thread(self._store, sender, mail_from, decided, message, now, claim)
         )
-        if deliveries is not None and claim is not None:
+
+        def stored(done: asyncio.Future[tuple[bool, ClaimedMessage | None, bool]]) -> None:
             # Handed over when the store ends, not when this session does: a
             # client that hangs up after "." cancels the session while the
-            # store may still commit recipients claimed for this slot.
-            store.add_done_callback(lambda done: deliveries.hand_over(_handed(done)))
+            # store may still commit recipients claimed for this slot. (And
+            # a failure nobody awaits any more is still seen, not warned of.)
+            handed = _handed(done)
+            if deliveries is not None and claim is not None:
+                deliveries.hand_over(handed)
+
+        store.add_done_callback(stored)
         kept, handed, more = await asyncio.shield(store)
         message_id = message.message_id
         held = sum(d.outcome is Outcome.QUARANTINE for _, d in decided)

@@ -7,21 +7,39 @@ other, so should the process die, its claim lapses and it is delivered later.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from typing import TypeVar
 
 import pytest
+from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from consent_registry.db import make_engine, session_scope
 from consent_registry.models import QueueRecipient
+from consent_registry.writes import DirectWrites
 from gateway.app import initialise
+from gateway.audit import AuditLog, audit_key
 from gateway.delivery import DeliveryWorker
-from gateway.queue import Claim, QueuedRecipient, QueueStore
+from gateway.intake import Intake
+from gateway.queue import Claim, ClaimedMessage, QueuedRecipient, QueueStore
+from gateway.reports import Reports
 from gateway.settings import Settings
+from policies.decision import Decision, Outcome, Reason
+from tests.gateway.test_reports import (  # noqa: F401 (parts is a fixture)
+    COLLEAGUE,
+    DRSMITH,
+    HOSTNAME,
+    NOW,
+    SENDER,
+    Parts,
+    parts,
+)
+
+T = TypeVar("T")
 
 LEASE = timedelta(minutes=10)
-NOW = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -105,3 +123,76 @@ def test_delivery_reserves_no_more_slots_than_it_has(queue: QueueStore) -> None:
         return seen
 
     assert asyncio.run(scenario()) == [True, True, False, True, False]
+
+
+class _GatedWrites:
+    """The real writes, held at the door until the test lets them in."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.inner = DirectWrites(engine)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        self.entered.set()
+        self.go.wait(10)
+        return self.inner.run(work)
+
+
+class _Deliveries:
+    """A delivery stage with one slot, noting what it was handed."""
+
+    def __init__(self) -> None:
+        self.handed: list[ClaimedMessage | None] = []
+
+    def reserve(self, now: datetime) -> Claim | None:
+        return Claim("this-instance", now + LEASE)
+
+    def hand_over(self, message: ClaimedMessage | None) -> None:
+        self.handed.append(message)
+
+
+def test_a_session_that_ends_while_its_message_is_stored_still_hands_it_over(
+    parts: Parts,  # noqa: F811 (the fixture imported above)
+) -> None:
+    # The client hung up after "." (aiosmtpd cancels the session) while the
+    # store was committing recipients claimed for delivery: they must reach
+    # delivery when the commit lands, not wait for the lease.
+    writes = _GatedWrites(parts.engine)
+    deliveries = _Deliveries()
+    audit = AuditLog(audit_key(parts.settings)[0])
+    intake = Intake(
+        writes,
+        parts.spool,
+        audit,
+        Reports(audit, HOSTNAME, timedelta(days=30)),
+        HOSTNAME,
+        lambda: None,
+        clock=lambda: NOW,
+        deliveries=deliveries,
+    )
+    message = intake.receive()
+    for line in f"From: {SENDER}\r\nSubject: rota\r\n\r\nhello\r\n".encode().splitlines(True):
+        message.add(line)
+    message.end()
+    allowed = [(COLLEAGUE, Decision(Outcome.ALLOW, Reason.INTERNAL, "internal-recipient"))]
+
+    async def scenario() -> None:
+        session = asyncio.create_task(intake.accept(DRSMITH, SENDER, allowed, message))
+        assert await asyncio.to_thread(writes.entered.wait, 10)
+        session.cancel()
+        await asyncio.gather(session, return_exceptions=True)
+        assert deliveries.handed == []  # the store is still under way
+        writes.go.set()
+        for _ in range(500):
+            if deliveries.handed:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    (handed,) = deliveries.handed
+    assert handed is not None
+    with Session(parts.engine) as session:
+        (row,) = session.exec(select(QueueRecipient)).all()
+    assert (handed.message_id, [r.row_id for r in handed.recipients]) == (row.message_id, [row.id])
+    assert row.claimed_by == "this-instance"
