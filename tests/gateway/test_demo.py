@@ -118,7 +118,9 @@ def test_the_demo_ignores_the_callers_settings_and_keeps_its_directory_when_aske
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_ctrl_c_stops_the_demo_with_one_line_and_removes_its_directory(tmp_path: Path) -> None:
+def _interrupted_demo(tmp_path: Path) -> tuple[int, str, str, str]:
+    """``cgw demo``, sent SIGINT once its gateway runs: exit code, what it
+    printed before the signal, and the rest of stdout and stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
     with subprocess.Popen(
         [CGW, "demo"],
@@ -136,10 +138,19 @@ def test_ctrl_c_stops_the_demo_with_one_line_and_removes_its_directory(tmp_path:
                 demo.send_signal(signal.SIGINT)
                 break
         out, err = demo.communicate(timeout=30)
+    return demo.returncode, "".join(seen), out, err
 
-    assert demo.returncode == 1, "".join(seen) + out
+
+def test_ctrl_c_stops_the_demo_with_one_line_and_removes_its_directory(tmp_path: Path) -> None:
+    # The tour takes about a second: on a loaded machine it can finish
+    # before the signal lands, so a few tries are allowed for one to land.
+    for _ in range(5):
+        code, printed, out, err = _interrupted_demo(tmp_path)
+        if code != 0:
+            break
+        assert err == "", err  # finished first, cleanly
+    assert code == 1, printed + out
     assert err == "cgw: error: interrupted; the demo stopped and removed its directory\n"
-    printed = "".join(seen)
     assert not _directory(printed).exists()
     assert _refuses_connections(_gateway_port(printed))
 
