@@ -20,8 +20,9 @@ import pytest
 
 from gateway.app import initialise
 from gateway.settings import Settings
-from tests.conftest import DOMAIN, PASSWORD, create_user
+from tests.conftest import DOMAIN, create_user
 from tests.gateway.test_durability import SENDER, ServeProcess
+from tests.gateway.test_shutdown import _logged_in
 from tests.sink import Sink
 
 Env = Callable[..., dict[str, str]]
@@ -52,13 +53,6 @@ def _owner(inode: str, pids: list[int]) -> int:
             except FileNotFoundError:
                 continue
     raise AssertionError(f"no process holds socket {inode}")
-
-
-def _logged_in(port: int, cafile: Path) -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
-    client.starttls(context=ssl.create_default_context(cafile=str(cafile)))
-    client.login("drsmith", PASSWORD)
-    return client
 
 
 def _message(subject: str) -> bytes:
