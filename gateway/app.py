@@ -162,7 +162,7 @@ class Gateway:
         archive, signer = load_practice_keys(
             settings.smime_archive_cert, settings.smime_signing_cert, settings.smime_signing_key
         )
-        protector = Protector(engine, settings.protect_subject, archive, signer)
+        protector = Protector(settings.protect_subject, archive, signer)
         gate = PolicyGate(engine, settings.policy())
         self.worker = DeliveryWorker(
             queue,

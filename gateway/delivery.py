@@ -54,6 +54,11 @@ DELIVERY_CONCURRENCY = 16
 DELIVERY_MEMORY = 32 << 20
 DELIVERY_MEMORY_PART = 8 << 20
 
+_SMIME = Protection.SMIME.value
+# What ``DeliveryWorker._prepare`` hands the send: content, settled results,
+# recipients to send to, and S/MIME copies by address.
+_Prepared = tuple[bytes, dict[str, RecipientResult], list[ClaimedRecipient], dict[str, bytes]]
+
 
 class DeliveryWorker:
     def __init__(
@@ -208,11 +213,10 @@ class DeliveryWorker:
         results: dict[str, RecipientResult] = {}
         content = b""
         try:
-            content, decided = await asyncio.to_thread(self._load_and_recheck, message)
-            rechecked, sendable = self._apply_recheck(message, decided)
-            results.update(rechecked)
+            content, prepared, sendable, sealed = await asyncio.to_thread(self._prepare, message)
+            results.update(prepared)
             for protection, group in _by_protection(sendable).items():
-                results.update(await self._send(message, protection, group, content))
+                results.update(await self._send(message, protection, group, content, sealed))
         except Exception as exc:
             # What the next hop already accepted stays accepted: only the rest waits.
             log.exception("delivery of %s failed", message.message_id)
@@ -288,12 +292,33 @@ class DeliveryWorker:
 
             return self.queue.finish(message, settled, now, self.retry, queue_reports)
 
-    def _load_and_recheck(self, message: ClaimedMessage) -> tuple[bytes, dict[str, Decision]]:
-        """The message from the spool, and its patient recipients decided again
-        as the registry stands now (blocking: one thread hop for both)."""
+    def _prepare(self, message: ClaimedMessage) -> _Prepared:
+        """Everything blocking before the send, in one thread hop: the message
+        from the spool, its patient recipients decided again as the registry
+        stands now, and an encrypted copy for each S/MIME recipient.
+
+        Returns the content, the results the recheck and the protection
+        already settle, who may be sent to, and the S/MIME copies by address.
+        """
         content = self.spool.load(message.message_id)
         patients = [r.address for r in message.recipients if r.patient_id is not None]
-        return content, (self.gate.recheck(message.username, patients) if patients else {})
+        if not patients and all(r.protection != _SMIME for r in message.recipients):
+            return content, {}, list(message.recipients), {}
+        with self.gate.registry() as registry:  # one read of the registry for all
+            decided = self.gate.recheck(message.username, patients, registry) if patients else {}
+            results, sendable = self._apply_recheck(message, decided)
+            on_file = {
+                r.address: registry.certificate(r.certificate_id) if r.certificate_id else None
+                for r in sendable
+                if r.protection == _SMIME
+            }
+        sealed: dict[str, bytes] = {}
+        for address, certificate in on_file.items():  # each copy only its recipient opens
+            try:
+                sealed[address] = self.protector.smime(certificate, content)
+            except ProtectionUnavailable as exc:
+                results[address] = RecipientResult(Verdict.DEFERRED, str(exc))
+        return content, results, [r for r in sendable if r.address not in results], sealed
 
     @staticmethod
     def _apply_recheck(
@@ -335,22 +360,20 @@ class DeliveryWorker:
         protection: str,
         group: list[ClaimedRecipient],
         content: bytes,
+        sealed: dict[str, bytes],
     ) -> dict[str, RecipientResult]:
         addresses = [r.address for r in group]
-        if protection != Protection.SMIME.value:
+        if protection != _SMIME:
             verified = {r.address for r in group if r.protection == Protection.TLS_REQUIRED.value}
             return await self.relay.send(
                 message.message_id, message.mail_from, addresses, content, verified
             )
         results: dict[str, RecipientResult] = {}
-        for rcpt in group:  # each recipient gets a copy only their key opens
-            try:
-                sealed = await asyncio.to_thread(self.protector.smime, rcpt.certificate_id, content)
-            except ProtectionUnavailable as exc:
-                results[rcpt.address] = RecipientResult(Verdict.DEFERRED, str(exc))
-                continue
+        for address in addresses:  # each recipient gets the copy only their key opens
             results.update(
-                await self.relay.send(message.message_id, message.mail_from, [rcpt.address], sealed)
+                await self.relay.send(
+                    message.message_id, message.mail_from, [address], sealed[address]
+                )
             )
         return results
 
@@ -363,6 +386,6 @@ def _by_protection(recipients: Sequence[ClaimedRecipient]) -> dict[str, list[Cla
     """
     groups: dict[str, list[ClaimedRecipient]] = {}
     for rcpt in recipients:
-        key = Protection.SMIME.value if rcpt.protection == Protection.SMIME.value else "transport"
+        key = _SMIME if rcpt.protection == _SMIME else "transport"
         groups.setdefault(key, []).append(rcpt)
     return groups

@@ -6,7 +6,8 @@ before sending is what the gateway does when they send.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine
@@ -34,10 +35,16 @@ class PolicyGate:
         self.clock = clock
         self.cache = cache or FactsCache()
 
+    @contextlib.contextmanager
+    def registry(self) -> Iterator[CachedRegistry]:
+        """The registry as it stands now, on one connection (blocking)."""
+        with self.engine.connect() as connection:
+            yield self.cache.on(connection)
+
     def decide(self, sender: SenderFacts, addresses: Sequence[Address]) -> list[Decision]:
         """One decision per address, from one read of the registry (blocking)."""
-        with self.engine.connect() as connection:
-            return self._decide(self.cache.on(connection), sender, addresses)
+        with self.registry() as registry:
+            return self._decide(registry, sender, addresses)
 
     def _decide(
         self, registry: CachedRegistry, sender: SenderFacts, addresses: Sequence[Address]
@@ -46,20 +53,27 @@ class PolicyGate:
         now = self.clock()
         return [decide_recipient(sender, f, self.settings, now) for f in facts]
 
-    def recheck(self, username: str | None, addresses: Sequence[str]) -> dict[str, Decision]:
+    def recheck(
+        self,
+        username: str | None,
+        addresses: Sequence[str],
+        registry: CachedRegistry | None = None,
+    ) -> dict[str, Decision]:
         """Patient recipients decided again, as the registry stands now (blocking).
 
         Run before every delivery attempt: a consent revoked or a relationship
         ended while a message waited in the queue stops it from leaving. With
-        the registry unchanged since the last look, this reads one row.
+        the registry unchanged since the last look, this reads one row; with
+        ``registry`` (read just now by the caller), none.
         """
+        if registry is None:
+            with self.registry() as registry:
+                return self.recheck(username, addresses, registry)
         parsed = [parse_address(a) for a in addresses]
-        with self.engine.connect() as connection:
-            registry = self.cache.on(connection)
-            found = registry.login_record(username) if username else None
-            if found is None:
-                return dict.fromkeys(addresses, _SENDER_GONE)
-            decided = self._decide(registry, found.sender, parsed)
+        found = registry.login_record(username) if username else None
+        if found is None:
+            return dict.fromkeys(addresses, _SENDER_GONE)
+        decided = self._decide(registry, found.sender, parsed)
         return dict(zip(addresses, decided, strict=True))
 
     def exposure(self, recipient_patients: frozenset[int], shown: Sequence[str]) -> Decision | None:
@@ -72,7 +86,7 @@ class PolicyGate:
                 parsed.append(parse_address(text))
             except AddressError:
                 continue
-        with self.engine.connect() as connection:
-            facts = self.cache.on(connection).recipient_facts(parsed)
+        with self.registry() as registry:
+            facts = registry.recipient_facts(parsed)
         shown_patients = frozenset(f.patient.patient_id for f in facts if f.patient is not None)
         return decide_exposure(recipient_patients, shown_patients)

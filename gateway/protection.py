@@ -8,7 +8,6 @@ eventually bounces; it never goes out unencrypted instead.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,25 +15,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from sqlalchemy import Engine, bindparam
-from sqlalchemy import select as select_columns
-from sqlmodel import col
 
-from consent_registry.models import RecipientCertificate
+from consent_registry.facts_cache import CertificateOnFile
 from gateway.smime import Signer, encrypt
-
-# A certificate's validity and the certificate, as parsed from its row.
-_OnFile = tuple[datetime, datetime, x509.Certificate]
-# Parsed certificates kept at most (a few kB each); when full, start again.
-PARSED_CERTIFICATES = 4096
-_ON_FILE = select_columns(
-    col(RecipientCertificate.fingerprint_sha256),
-    col(RecipientCertificate.not_before),
-    col(RecipientCertificate.not_after),
-).where(col(RecipientCertificate.id) == bindparam("id"))
-_DER = select_columns(col(RecipientCertificate.der)).where(
-    col(RecipientCertificate.id) == bindparam("id")
-)
 
 
 class ProtectionUnavailable(Exception):
@@ -44,55 +27,30 @@ class ProtectionUnavailable(Exception):
 class Protector:
     def __init__(
         self,
-        engine: Engine,
         protect_subject: bool,
         archive: x509.Certificate | None = None,
         signer: Signer | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.engine = engine
         self.protect_subject = protect_subject
         self.archive = archive
         self.signer = signer
         self.clock = clock
-        self._lock = threading.Lock()
-        self._parsed: dict[str, x509.Certificate] = {}  # by SHA-256 fingerprint
 
-    def smime(self, certificate_id: int | None, content: bytes) -> bytes:
-        """The message encrypted to the recipient's certificate (blocking, CPU-heavy)."""
-        found = self._certificate(certificate_id) if certificate_id else None
-        if found is None:
+    def smime(self, on_file: CertificateOnFile | None, content: bytes) -> bytes:
+        """The message encrypted to the recipient's certificate (blocking, CPU-heavy).
+
+        ``on_file`` is the certificate the registry holds now under the id
+        the decision named (None: it is gone).
+        """
+        if on_file is None:
             raise ProtectionUnavailable("the recipient's certificate is no longer on file")
-        not_before, not_after, certificate = found
-        if not not_before <= self.clock() < not_after:
+        if not on_file.not_before <= self.clock() < on_file.not_after:
             raise ProtectionUnavailable("the recipient's certificate is not valid now")
-        recipients = [certificate]
+        recipients = [on_file.certificate]
         if self.archive is not None:
             recipients.append(self.archive)  # the practice's own copy, for its records
         return encrypt(content, recipients, self.protect_subject, self.signer)
-
-    def _certificate(self, certificate_id: int) -> _OnFile | None:
-        """The certificate on file under this id, parsed once per fingerprint.
-
-        The row is still looked up every time (a certificate deleted by hand
-        is no longer on file, and SQLite may give its id to the next one);
-        only reading and parsing the certificate itself is saved.
-        """
-        with self.engine.connect() as connection:
-            row = connection.execute(_ON_FILE, {"id": certificate_id}).first()
-            if row is None:
-                return None
-            fingerprint, not_before, not_after = row
-            with self._lock:
-                parsed = self._parsed.get(fingerprint)
-            if parsed is None:
-                der = connection.execute(_DER, {"id": certificate_id}).scalar_one()
-                parsed = x509.load_der_x509_certificate(der)
-                with self._lock:
-                    if len(self._parsed) >= PARSED_CERTIFICATES:
-                        self._parsed.clear()
-                    self._parsed[fingerprint] = parsed
-        return not_before, not_after, parsed
 
 
 def load_practice_keys(

@@ -7,14 +7,18 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, text
+from sqlmodel import select
 
+from consent_registry import certificates
 from consent_registry.db import make_engine
+from consent_registry.models import RecipientCertificate
 from gateway.app import initialise
 from gateway.policy_gate import PolicyGate
 from gateway.settings import Settings
 from policies.decision import Outcome
 from tests.conftest import create_user
-from tests.practice import SENDER, Practice
+from tests.practice import SENDER, Practice, now
+from tests.smime_pki import SmimeCA
 
 PATIENT = "pat.jones@example.org"
 
@@ -91,3 +95,32 @@ def test_facts_are_served_from_memory_until_the_registry_changes(
     # The header rule reads the same cache: this patient's address shown in a
     # message to somebody else is caught.
     assert gate.exposure(frozenset({-1}), [PATIENT]) is not None
+
+
+def test_a_certificate_is_parsed_once_and_forgotten_when_removed(
+    practice: Practice, engine: Engine
+) -> None:
+    """S/MIME reads the certificate through the same cache: once per generation,
+    and a certificate removed behind the gateway's back is no longer on file."""
+    practice.patient("Pat Jones", PATIENT, "MRN-1")
+    issued = SmimeCA().issue(PATIENT)
+    with practice.session() as session:
+        certificates.import_certificate(session, PATIENT, issued.pem(), "test", now())
+    with practice.session() as session:
+        (certificate_id,) = session.exec(select(RecipientCertificate.id)).all()
+    assert certificate_id is not None
+    gate = PolicyGate(engine, practice.settings.policy())
+    with gate.registry() as registry:
+        on_file = registry.certificate(certificate_id)
+    assert on_file is not None
+    assert on_file.certificate.serial_number == issued.cert.serial_number
+
+    statements = _statements(engine)
+    with gate.registry() as registry:
+        assert registry.certificate(certificate_id) == on_file
+    assert len(statements) == 1 and "registry_generation" in statements[0], statements
+
+    with practice.session() as session:  # as somebody with sqlite3 in hand would
+        session.execute(text("DELETE FROM recipient_certificate"))
+    with gate.registry() as registry:
+        assert registry.certificate(certificate_id) is None
