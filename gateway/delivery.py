@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from sqlmodel import Session
-
 from gateway import replies
 from gateway.bounce import FailedRecipient, failure_status
 from gateway.budget import MachineTurn, OctetBudget
@@ -34,7 +32,7 @@ from gateway.queue import (
     settle,
 )
 from gateway.relay import Relay
-from gateway.reports import Reports
+from gateway.reports import EnqueueReports, Reports
 from gateway.spool import Spool
 from policies.decision import Decision, Outcome, Protection
 
@@ -286,11 +284,8 @@ class DeliveryWorker:
                 held=held,
                 arrived=message.received_at,
             )
-
-            def queue_reports(session: Session) -> None:
-                self.reports.enqueue(session, reports, now)
-
-            return self.queue.finish(message, settled, now, self.retry, queue_reports)
+            within = EnqueueReports(self.reports, tuple(reports), now)
+            return self.queue.finish(message, settled, now, self.retry, within)
 
     def _prepare(self, message: ClaimedMessage) -> _Prepared:
         """Everything blocking before the send, in one thread hop: the message

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Protocol
@@ -48,7 +49,7 @@ from gateway.queue import (
     QueueStore,
     new_message_id,
 )
-from gateway.reports import Reports
+from gateway.reports import Report, Reports
 from gateway.spool import Spool, SpoolFull, SpoolWriter
 from policies.decision import Decision, Outcome
 from policies.facts import SenderFacts
@@ -311,23 +312,18 @@ class Intake:
                 reports = self.reports.owed(
                     batch, mail_from, header, about, now, failed=refused, held=held
                 )
-
-                def queue_it(session: Session) -> tuple[ClaimedRecipient, ...]:
-                    claimed: tuple[ClaimedRecipient, ...] = ()
-                    if kept:
-                        claimed = self._enqueue(
-                            session,
-                            sender,
-                            message_id,
-                            mail_from,
-                            kept,
-                            message.writer.size,
-                            now,
-                            claim,
-                        )
-                    self.reports.enqueue(session, reports, now)
-                    return claimed
-
+                queue_it = QueueAccepted(
+                    self.audit,
+                    self.reports,
+                    sender,
+                    message_id,
+                    mail_from,
+                    tuple(kept),
+                    message.writer.size,
+                    now,
+                    claim,
+                    tuple(reports),
+                )
                 claimed = self.writes.run(queue_it)
         except SpoolFull as exc:
             raise StorageFullError(str(exc)) from exc
@@ -340,36 +336,6 @@ class Intake:
         # Anything not handed over (held recipients, reports) is for the stages to find.
         return bool(kept), handed, bool(reports) or len(claimed) < len(kept)
 
-    def _enqueue(
-        self,
-        session: Session,
-        sender: SenderFacts,
-        message_id: str,
-        mail_from: str,
-        kept: Sequence[tuple[str, Decision]],
-        size: int,
-        now: datetime,
-        claim: Claim | None,
-    ) -> tuple[ClaimedRecipient, ...]:
-        queued = [QueuedRecipient.decided(address, decision) for address, decision in kept]
-        claimed = QueueStore.enqueue(
-            session, message_id, mail_from, sender.username, size, queued, now, claim=claim
-        )
-        for address, decision in kept:
-            held = decision.outcome is Outcome.QUARANTINE
-            self.audit.record(
-                session,
-                _decision_entry(
-                    AuditAction.MESSAGE_QUARANTINED if held else AuditAction.MESSAGE_ACCEPTED,
-                    sender,
-                    address,
-                    decision,
-                    message_id,
-                ),
-                now,
-            )
-        return claimed
-
     async def record_refusal(self, sender: SenderFacts, recipient: str, decision: Decision) -> None:
         await asyncio.to_thread(self._audit_refusal, sender, recipient, decision, self.clock())
 
@@ -377,7 +343,62 @@ class Intake:
         self, sender: SenderFacts, recipient: str, decision: Decision, now: datetime
     ) -> None:
         entry = _decision_entry(AuditAction.MESSAGE_DENIED, sender, recipient, decision)
-        self.writes.run(lambda session: self.audit.record(session, entry, now))
+        self.writes.run(RecordAudit(self.audit, entry, now))
+
+
+@dataclass(frozen=True)
+class QueueAccepted:
+    """The transaction that acknowledges a message: its queue rows, an audit
+    entry per kept recipient, and the reports its sender is owed.
+
+    A value, not a closure: with several worker processes it is run by the
+    writer process (``consent_registry.writes``), so it must pickle.
+    """
+
+    audit: AuditLog
+    reports: Reports
+    sender: SenderFacts
+    message_id: str
+    mail_from: str
+    kept: tuple[tuple[str, Decision], ...]
+    size: int
+    now: datetime
+    claim: Claim | None
+    owed: tuple[Report, ...]
+
+    def __call__(self, session: Session) -> tuple[ClaimedRecipient, ...]:
+        claimed: tuple[ClaimedRecipient, ...] = ()
+        if self.kept:
+            queued = [QueuedRecipient.decided(a, d) for a, d in self.kept]
+            claimed = QueueStore.enqueue(
+                session,
+                self.message_id,
+                self.mail_from,
+                self.sender.username,
+                self.size,
+                queued,
+                self.now,
+                claim=self.claim,
+            )
+            for address, decision in self.kept:
+                held = decision.outcome is Outcome.QUARANTINE
+                action = AuditAction.MESSAGE_QUARANTINED if held else AuditAction.MESSAGE_ACCEPTED
+                entry = _decision_entry(action, self.sender, address, decision, self.message_id)
+                self.audit.record(session, entry, self.now)
+        self.reports.enqueue(session, self.owed, self.now)
+        return claimed
+
+
+@dataclass(frozen=True)
+class RecordAudit:
+    """A transaction of one audit entry (a refusal at RCPT or DATA); it pickles."""
+
+    audit: AuditLog
+    entry: AuditEntry
+    now: datetime
+
+    def __call__(self, session: Session) -> None:
+        self.audit.record(session, self.entry, self.now)
 
 
 def _handed(

@@ -360,45 +360,7 @@ class QueueStore:
         """
         if messages <= 0:
             return []
-        return self.writes.run(lambda session: self._claim(session, now, messages))
-
-    def _claim(self, session: Session, now: datetime, messages: int) -> list[ClaimedMessage]:
-        connection = session.connection()
-        due = _DUE_FOR_UPDATE if connection.dialect.name == "postgresql" else _DUE
-        rows = connection.execute(due, {"now": now, "limit": messages * 8}).all()
-        chosen = set(list(dict.fromkeys(row.message_id for row in rows))[:messages])
-        rows = [row for row in rows if row.message_id in chosen]
-        if not rows:
-            return []
-        connection.execute(
-            _TAKE,
-            {"ids": [row.id for row in rows], "by": self.instance, "until": now + self.lease},
-        )
-        by_message: dict[str, list[ClaimedRecipient]] = defaultdict(list)
-        for row in rows:
-            by_message[row.message_id].append(
-                ClaimedRecipient(
-                    row.id,
-                    row.address,
-                    row.attempts,
-                    row.protection,
-                    row.certificate_id,
-                    row.patient_id,
-                    row.since,
-                )
-            )
-        return [
-            ClaimedMessage(
-                m.id,
-                m.mail_from,
-                m.received_at,
-                tuple(by_message[m.id]),
-                m.is_bounce,
-                m.username,
-                m.size,
-            )
-            for m in connection.execute(_CLAIMED_MESSAGES, {"ids": list(by_message)})
-        ]
+        return self.writes.run(ClaimDue(self.instance, self.lease, now, messages))
 
     def finish(
         self,
@@ -410,44 +372,11 @@ class QueueStore:
     ) -> bool:
         """Record settled results (see ``settle``); True when the message is complete.
 
-        ``within`` adds to the same transaction (the bounce for these results).
+        ``within`` adds to the same transaction (the bounce for these results);
+        like the transaction itself, it must pickle (see ``ClaimDue``).
         """
-        return self.writes.run(
-            lambda session: self._finish(session, claimed, results, now, retry, within)
-        )
-
-    def _finish(
-        self,
-        session: Session,
-        claimed: ClaimedMessage,
-        results: dict[str, RecipientResult],
-        now: datetime,
-        retry: RetryPolicy,
-        within: Callable[[Session], None] | None,
-    ) -> bool:
-        # What the claim read still holds: the rows are ours for the lease.
-        connection = session.connection()
-        for rcpt in claimed.recipients:
-            result = results[rcpt.address]
-            action = self._apply(connection, rcpt.row_id, rcpt.attempts, result, now, retry)
-            assert self.audit is not None, "a delivering queue writes the audit log"
-            self.audit.record(
-                session,
-                AuditEntry(
-                    action=action,
-                    actor="gateway",
-                    message_id=claimed.message_id,
-                    queue_id=rcpt.row_id,
-                    patient_id=rcpt.patient_id,
-                    recipient=rcpt.address,
-                    reason=result.reason,
-                    detail=storable(result.reply),
-                ),
-                now,
-            )
-        if within is not None:
-            within(session)
-        return self.close_if_complete(session, claimed.message_id, now)
+        assert self.audit is not None, "a delivering queue writes the audit log"
+        return self.writes.run(FinishDelivery(self.audit, claimed, results, now, retry, within))
 
     @staticmethod
     def close_if_complete(session: Session, message_id: str, now: datetime) -> bool:
@@ -465,7 +394,7 @@ class QueueStore:
         return bool(closed.rowcount)
 
     @staticmethod
-    def _apply(
+    def apply(
         connection: Connection,
         row_id: int,
         attempts: int,
@@ -671,3 +600,97 @@ class QueueStore:
                 )
                 for r, m in rows
             ]
+
+
+@dataclass(frozen=True)
+class ClaimDue:
+    """The transaction that claims due recipients of at most ``messages`` messages.
+
+    Write transactions are values, not closures: with several worker
+    processes on SQLite, one writer process runs them all
+    (``consent_registry.writes``), so they must pickle.
+    """
+
+    instance: str
+    lease: timedelta
+    now: datetime
+    messages: int
+
+    def __call__(self, session: Session) -> list[ClaimedMessage]:
+        connection = session.connection()
+        now = self.now
+        messages = self.messages
+        due = _DUE_FOR_UPDATE if connection.dialect.name == "postgresql" else _DUE
+        rows = connection.execute(due, {"now": now, "limit": messages * 8}).all()
+        chosen = set(list(dict.fromkeys(row.message_id for row in rows))[:messages])
+        rows = [row for row in rows if row.message_id in chosen]
+        if not rows:
+            return []
+        connection.execute(
+            _TAKE,
+            {"ids": [row.id for row in rows], "by": self.instance, "until": now + self.lease},
+        )
+        by_message: dict[str, list[ClaimedRecipient]] = defaultdict(list)
+        for row in rows:
+            by_message[row.message_id].append(
+                ClaimedRecipient(
+                    row.id,
+                    row.address,
+                    row.attempts,
+                    row.protection,
+                    row.certificate_id,
+                    row.patient_id,
+                    row.since,
+                )
+            )
+        return [
+            ClaimedMessage(
+                m.id,
+                m.mail_from,
+                m.received_at,
+                tuple(by_message[m.id]),
+                m.is_bounce,
+                m.username,
+                m.size,
+            )
+            for m in connection.execute(_CLAIMED_MESSAGES, {"ids": list(by_message)})
+        ]
+
+
+@dataclass(frozen=True)
+class FinishDelivery:
+    """The transaction that records delivery results, with an audit entry each."""
+
+    audit: AuditLog
+    claimed: ClaimedMessage
+    results: dict[str, RecipientResult]
+    now: datetime
+    retry: RetryPolicy
+    within: Callable[[Session], None] | None
+
+    def __call__(self, session: Session) -> bool:
+        # What the claim read still holds: the rows are ours for the lease.
+        connection = session.connection()
+        claimed, now = self.claimed, self.now
+        for rcpt in claimed.recipients:
+            result = self.results[rcpt.address]
+            action = QueueStore.apply(
+                connection, rcpt.row_id, rcpt.attempts, result, now, self.retry
+            )
+            self.audit.record(
+                session,
+                AuditEntry(
+                    action=action,
+                    actor="gateway",
+                    message_id=claimed.message_id,
+                    queue_id=rcpt.row_id,
+                    patient_id=rcpt.patient_id,
+                    recipient=rcpt.address,
+                    reason=result.reason,
+                    detail=storable(result.reply),
+                ),
+                now,
+            )
+        if self.within is not None:
+            self.within(session)
+        return QueueStore.close_if_complete(session, claimed.message_id, now)

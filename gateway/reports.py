@@ -135,3 +135,16 @@ class Reports:
             ),
             now,
         )
+
+
+@dataclass(frozen=True)
+class EnqueueReports:
+    """``Reports.enqueue`` as part of another transaction; a value, so that it
+    pickles with that transaction (see ``queue.ClaimDue``)."""
+
+    reports: Reports
+    owed: tuple[Report, ...]
+    now: datetime
+
+    def __call__(self, session: Session) -> None:
+        self.reports.enqueue(session, self.owed, self.now)
