@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import warnings
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from consent_registry.db import make_engine, migrate
-from consent_registry.writes import GroupCommit
+from consent_registry.writes import GroupCommit, RemoteWrites
 from gateway.audit import AuditLog, audit_key
 from gateway.auth import Authenticator
 from gateway.budget import MachineTurn
@@ -130,17 +131,25 @@ class Listener:
 class Gateway:
     """One running gateway instance."""
 
-    def __init__(self, settings: Settings, ports: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ports: Sequence[int] = (),
+        writes: socket.socket | None = None,
+    ) -> None:
         """``ports``: the ports the first process bound (``gateway.workers``), in
-        the order this gateway listens, for the ``:0`` (any port) of settings."""
+        the order this gateway listens, for the ``:0`` (any port) of settings.
+        ``writes``: a connection to the workers' writer process, which then
+        commits this gateway's transactions (``consent_registry.writes``)."""
         self.settings = settings
         self.ports = list(ports)
+        self._writes_connection = writes
         self.listeners: list[Listener] = []
         self._servers: list[asyncio.Server] = []
         self._limiters: list[ConnectionLimiter] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._engine: Engine | None = None
-        self._writes: GroupCommit | None = None
+        self._writes: GroupCommit | RemoteWrites | None = None
         self.worker: DeliveryWorker | None = None
         self.sweep: RetentionSweep | None = None
 
@@ -150,7 +159,12 @@ class Gateway:
         initialised = await asyncio.to_thread(initialise, settings)
         engine = make_engine(settings.database_url)
         self._engine = engine
-        writes = self._writes = GroupCommit(engine)
+        writes: GroupCommit | RemoteWrites
+        if self._writes_connection is not None:
+            writes = RemoteWrites(self._writes_connection)
+        else:
+            writes = GroupCommit(engine)
+        self._writes = writes
         spool = open_spool(settings, engine, initialised.storage_key)
         audit = AuditLog(initialised.audit_key)
         queue = QueueStore(engine, settings.instance_name, settings.claim_lease, audit, writes)

@@ -7,8 +7,10 @@ SO_REUSEPORT; the kernel spreads new connections over them by a hash of
 the client's address and port. Each process is a whole gateway instance (intake, delivery,
 retention sweep) under its own instance name (``<name>.2``, ``<name>.3``...),
 and they share the database and the spool as several instances on several
-machines do: SQLite writers take turns (``consent_registry.db.WriterTurn``),
-PostgreSQL claims skip each other's locked rows.
+machines do. On SQLite one more process, the writer (``WriterProcess``),
+commits every worker's transactions, several under one commit
+(``consent_registry.writes``); on PostgreSQL each worker commits its own,
+and claims skip each other's locked rows.
 
 Lifetimes, as Postfix's master runs its daemons:
 
@@ -54,35 +56,48 @@ class _Worker:
 
 
 def worker_command(
-    index: int, ports: Sequence[int], lifeline_fd: int, options: Sequence[str]
+    index: int,
+    ports: Sequence[int],
+    lifeline_fd: int,
+    options: Sequence[str],
+    writes_fd: int | None = None,
 ) -> list[str]:
     """The command line of worker ``index`` (2, 3...): ``cgw serve`` in worker mode,
     with the first process's ``options`` (log level and format)."""
+    writes = ["--writes-fd", str(writes_fd)] if writes_fd is not None else []
     return [
-        sys.executable,
-        "-m",
-        "gateway.cli.main",
-        "serve",
+        *_serve_command(options),
         "--worker",
         str(index),
         "--ports",
         ",".join(str(port) for port in ports),
         "--lifeline-fd",
         str(lifeline_fd),
-        *options,
+        *writes,
     ]
+
+
+def _serve_command(options: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli.main", "serve", *options]
 
 
 class Workers:
     """The other worker processes of a running first process."""
 
     def __init__(
-        self, count: int, ports: Sequence[int], options: Sequence[str], stop_seconds: float
+        self,
+        count: int,
+        ports: Sequence[int],
+        options: Sequence[str],
+        stop_seconds: float,
+        writes: Sequence[socket.socket] = (),
     ) -> None:
+        """``writes``: a connection to the writer process for each worker, if one runs."""
         self.count = count
         self.stop_seconds = stop_seconds  # a worker's own stop: grace, then its stages
         self.ports = ports
         self.options = options
+        self.writes = list(writes)
         self._workers: list[_Worker] = []
 
     async def start(self) -> None:
@@ -106,17 +121,29 @@ class Workers:
 
     async def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair()
+        # Handed to the worker, and closed here: the writer process ends
+        # when every worker's connection is closed.
+        writes = self.writes.pop(0) if self.writes else None
+        passed = [theirs] + ([writes] if writes is not None else [])
         try:
+            command = worker_command(
+                index,
+                self.ports,
+                theirs.fileno(),
+                self.options,
+                writes.fileno() if writes is not None else None,
+            )
             process = await asyncio.create_subprocess_exec(
-                *worker_command(index, self.ports, theirs.fileno(), self.options),
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),),
+                pass_fds=[s.fileno() for s in passed],
             )
         except BaseException:
             ours.close()
             raise
         finally:
-            theirs.close()
+            for handed in passed:
+                handed.close()
         return _Worker(index, process, ours)
 
     async def _ready(self, worker: _Worker) -> None:
@@ -141,6 +168,9 @@ class Workers:
 
     async def stop(self) -> None:
         """SIGTERM to every worker; wait for them all (killed after ``stop_seconds``)."""
+        for unused in self.writes:  # of workers that were never started
+            unused.close()
+        self.writes.clear()
         for worker in self._workers:
             if worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -158,6 +188,59 @@ class Workers:
         if worker.stream is not None:
             worker.stream.close()
         worker.lifeline.close()
+
+
+class WriterProcess:
+    """The one writer of a machine's workers on SQLite (``consent_registry.writes``).
+
+    It ignores SIGINT and SIGTERM and ends when the last connection to it
+    closes: after every worker, so that nothing they commit on their way
+    out is refused. A connection per process: ``connections[0]`` for the
+    first process, the rest for the workers (handed over by ``Workers``).
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process, connections: list[socket.socket]):
+        self.process = process
+        self.connections = connections
+
+    @classmethod
+    async def start(cls, count: int, options: Sequence[str]) -> WriterProcess:
+        pairs = [socket.socketpair() for _ in range(count)]
+        theirs = [pair[1] for pair in pairs]
+        fds = ",".join(str(s.fileno()) for s in theirs)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *_serve_command(options),
+                "--writes-fds",
+                fds,
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=[s.fileno() for s in theirs],
+            )
+        except BaseException:
+            for ours, _ in pairs:
+                ours.close()
+            raise
+        finally:
+            for handed in theirs:
+                handed.close()
+        return cls(process, [pair[0] for pair in pairs])
+
+    async def exited(self) -> str:
+        """Returns (a sentence) when the writer process exits."""
+        code = await self.process.wait()
+        return f"the writer process exited (code {code})"
+
+    async def stop(self, seconds: float) -> None:
+        """Wait for it to end (every connection closed by now); killed after ``seconds``."""
+        for connection in self.connections:
+            connection.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), seconds)
+        except TimeoutError:
+            log.error("the writer process did not stop in %.0f s: killed", seconds)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
 
 
 async def announce_ready(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from gateway.cli import context
 from gateway.cli.output import CliError, print_json, print_table
 from gateway.logs import LogFormat
 from gateway.settings import ListenAddress, Settings, masked_settings
-from gateway.workers import WorkerFailed, Workers, announce_ready
+from gateway.workers import WorkerFailed, Workers, WriterProcess, announce_ready
 
 log = logging.getLogger("gateway")
 
@@ -83,19 +84,25 @@ def init() -> None:
 @click.option("--worker", type=click.IntRange(min=2), hidden=True)
 @click.option("--ports", hidden=True, default="")
 @click.option("--lifeline-fd", type=int, hidden=True)
+@click.option("--writes-fd", type=int, hidden=True)
+@click.option("--writes-fds", default="", hidden=True)
 def serve(
     log_level: str,
     log_format: LogFormat,
     worker: int | None,
     ports: str,
     lifeline_fd: int | None,
+    writes_fd: int | None,
+    writes_fds: str,
 ) -> None:
     """Run the gateway: submission, delivery and retries."""
     config = context.settings()
     logs.configure(log_level, log_format)
     return_large_buffers_to_the_system()
     try:
-        if worker is None:
+        if writes_fds:
+            _serve_writes(config, [int(fd) for fd in writes_fds.split(",")])
+        elif worker is None:
             options = ["--log-level", log_level, "--log-format", log_format]
             asyncio.run(_serve(config, log_format, options))
         else:
@@ -103,7 +110,7 @@ def serve(
                 raise CliError("--worker needs --ports and --lifeline-fd")
             bound = [int(port) for port in ports.split(",") if port]
             named = config.model_copy(update={"instance_name": f"{config.instance_name}.{worker}"})
-            asyncio.run(_serve_as_worker(named, bound, lifeline_fd))
+            asyncio.run(_serve_as_worker(named, bound, lifeline_fd, writes_fd))
     except WorkerFailed as exc:
         raise CliError(f"stopped: {exc}") from None
     except OSError as exc:
@@ -120,11 +127,43 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
+def _serve_writes(config: Settings, fds: Sequence[int]) -> None:
+    """The writer process of several workers (``WriterProcess``): commit what
+    they send until the last of them closes its connection."""
+    from consent_registry.db import make_engine
+    from consent_registry.writes import GroupCommit, serve_writes
+
+    for signum in (signal.SIGINT, signal.SIGTERM):  # it ends after the workers
+        signal.signal(signum, signal.SIG_IGN)
+    engine = make_engine(config.database_url)
+    writes = GroupCommit(engine)
+    try:
+        serve_writes(writes, [socket.socket(fileno=fd) for fd in fds])
+    finally:
+        writes.close()
+        engine.dispose()
+
+
+def _one_writer_process(config: Settings) -> bool:
+    """Whether the workers share a writer process: several of them on SQLite,
+    whose one write turn their writer threads passed around (PostgreSQL
+    takes concurrent writers as they are)."""
+    return config.workers > 1 and config.database_url.startswith("sqlite")
+
+
 async def _serve(config: Settings, log_format: LogFormat, options: Sequence[str]) -> None:
     from gateway.app import STAGE_STOP_SECONDS, Gateway
 
-    gateway = Gateway(config)
-    await gateway.start()
+    writer = (
+        await WriterProcess.start(config.workers, options) if _one_writer_process(config) else None
+    )
+    try:
+        gateway = Gateway(config, writes=writer.connections[0] if writer else None)
+        await gateway.start()
+    except BaseException:
+        if writer is not None:
+            await writer.stop(STAGE_STOP_SECONDS)
+        raise
     stop = asyncio.Event()
     _stop_on_signals(stop)
     # A worker's own stop: the grace, its stages, a delivery in flight.
@@ -135,38 +174,48 @@ async def _serve(config: Settings, log_format: LogFormat, options: Sequence[str]
         + 10
     )
     ports = [listener.address.port for listener in gateway.listeners]
-    workers = Workers(config.workers, ports, options, stop_seconds)
+    writes = writer.connections[1:] if writer else []
+    workers = Workers(config.workers, ports, options, stop_seconds, writes)
     try:
         await workers.start()
     except BaseException:
         await gateway.stop()
+        if writer is not None:
+            await writer.stop(STAGE_STOP_SECONDS)
         raise
     _announce(config, gateway, log_format)
     stopped = asyncio.ensure_future(stop.wait())
-    exited = asyncio.ensure_future(workers.exited())
-    await asyncio.wait((stopped, exited), return_when=asyncio.FIRST_COMPLETED)
+    exits = [asyncio.ensure_future(workers.exited())]
+    if writer is not None:
+        exits.append(asyncio.ensure_future(writer.exited()))
+    await asyncio.wait((stopped, *exits), return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
-    exited.cancel()
-    # A worker that exits unasked is a failure, unless a stop was asked of
-    # all (Ctrl-C in a terminal reaches every process at once).
-    failure = exited.result() if exited.done() and not exited.cancelled() else None
-    if failure is not None and stop.is_set():
-        failure = None
+    for waiting in exits:
+        waiting.cancel()
+    # A worker (or the writer) that exits unasked is a failure, unless a stop
+    # was asked of all (Ctrl-C in a terminal reaches every process at once).
+    failures = [e.result() for e in exits if e.done() and not e.cancelled()]
+    failure = failures[0] if failures and not stop.is_set() else None
     if failure is not None:
         log.error("%s: stopping the gateway", failure)
     log.info("stopping: finishing SMTP transactions and deliveries in flight")
     await asyncio.gather(gateway.stop(), workers.stop())
+    if writer is not None:
+        await writer.stop(STAGE_STOP_SECONDS)
     log.info("stopped", extra={"event": "stopped"})
     if failure is not None:
         raise WorkerFailed(failure)
 
 
-async def _serve_as_worker(config: Settings, ports: Sequence[int], lifeline: int) -> None:
+async def _serve_as_worker(
+    config: Settings, ports: Sequence[int], lifeline: int, writes_fd: int | None
+) -> None:
     """One of the other workers: serve on the first process's ports until
     told to stop, or until the first process is gone."""
     from gateway.app import Gateway
 
-    gateway = Gateway(config, ports)
+    writes = socket.socket(fileno=writes_fd) if writes_fd is not None else None
+    gateway = Gateway(config, ports, writes)
     await gateway.start()
     try:
         stop = asyncio.Event()

@@ -1,10 +1,15 @@
-"""Group commit: several transactions per commit, none lost or spoiled by another."""
+"""Group commit: several transactions per commit, none lost or spoiled by another;
+and the writer process that commits for several worker processes."""
 
 from __future__ import annotations
 
+import contextlib
+import pickle
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import Engine, event, text
@@ -12,7 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from consent_registry.db import make_engine
-from consent_registry.writes import DirectWrites, GroupCommit
+from consent_registry.writes import (
+    DirectWrites,
+    GroupCommit,
+    RemoteWrites,
+    WriterGone,
+    serve_writes,
+)
 
 
 @pytest.fixture
@@ -140,3 +151,69 @@ def test_direct_writes_commit_in_the_callers_thread(engine: Engine) -> None:
     assert ran_in == caller
     DirectWrites(engine).run(_insert(7))
     assert _stored(engine) == [7]
+
+
+@dataclass(frozen=True)
+class Insert:
+    """A transaction as the gateway sends one to the writer process: a value that pickles."""
+
+    n: int
+
+    def __call__(self, session: Session) -> int:
+        session.execute(text("INSERT INTO marker (n) VALUES (:n)"), {"n": self.n})
+        return self.n * 10
+
+
+@contextlib.contextmanager
+def _writer_service(engine: Engine, count: int) -> Iterator[list[RemoteWrites]]:
+    """``serve_writes`` in a thread, as the writer process runs it, with ``count`` clients."""
+    pairs = [socket.socketpair() for _ in range(count)]
+    writes = GroupCommit(engine)
+    service = threading.Thread(target=serve_writes, args=(writes, [p[1] for p in pairs]))
+    service.start()
+    clients = [RemoteWrites(p[0]) for p in pairs]
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
+        service.join(30)
+        assert not service.is_alive(), "serve_writes did not end when its clients closed"
+        writes.close()
+
+
+def test_remote_writes_from_two_processes_commit_and_answer_each(engine: Engine) -> None:
+    with _writer_service(engine, 2) as (first, second):
+        futures = [first.submit(Insert(n)) for n in range(0, 20, 2)]
+        futures += [second.submit(Insert(n)) for n in range(1, 20, 2)]
+        results = sorted(f.result(30) for f in futures)
+        with pytest.raises(IntegrityError):  # the exception itself crosses back
+            second.run(Insert(3))
+        assert first.run(Insert(40)) == 400  # and the connection goes on
+    assert results == [n * 10 for n in range(20)]
+    assert _stored(engine) == [*range(20), 40]
+
+
+def test_work_that_does_not_pickle_fails_at_the_caller_and_nothing_is_sent(
+    engine: Engine,
+) -> None:
+    with _writer_service(engine, 1) as (client,):
+        with pytest.raises((pickle.PicklingError, AttributeError)):
+            client.submit(_insert(1))  # a closure: only a value can cross
+        assert client.run(Insert(2)) == 20
+    assert _stored(engine) == [2]
+
+
+def test_a_writer_that_is_gone_fails_what_waits_and_what_follows(engine: Engine) -> None:
+    ours, theirs = socket.socketpair()
+    client = RemoteWrites(ours)
+    try:
+        waiting = client.submit(Insert(1))
+        theirs.close()  # the writer process died before it answered
+        with pytest.raises(WriterGone):
+            waiting.result(30)
+        with pytest.raises(WriterGone):
+            client.submit(Insert(2))
+    finally:
+        client.close()
+    assert _stored(engine) == []

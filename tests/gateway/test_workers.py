@@ -28,9 +28,19 @@ from tests.sink import Sink
 Env = Callable[..., dict[str, str]]
 
 
-def _children(pid: int) -> list[int]:
+def _children(pid: int, role: str = "--worker") -> list[int]:
+    """The child processes of ``pid`` whose command line has ``role``: the
+    workers, or (``--writes-fds``) the writer process they share on SQLite."""
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(child) for child in found.stdout.split()]
+    children = [int(child) for child in found.stdout.split()]
+    return [c for c in children if role in Path(f"/proc/{c}/cmdline").read_text().split("\0")]
+
+
+def _gone(pid: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not Path(f"/proc/{pid}").exists()
 
 
 def _server_inode(client: smtplib.SMTP, port: int) -> str:
@@ -75,7 +85,8 @@ def two_workers(
     try:
         yield settings, serve, sink
     finally:
-        for pid in [*_children(serve.process.pid), serve.process.pid]:
+        children = _children(serve.process.pid) + _children(serve.process.pid, "--writes-fds")
+        for pid in [*children, serve.process.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         serve.process.wait(30)
@@ -88,6 +99,9 @@ def test_both_workers_serve_the_port_and_each_message_is_delivered_once(
     settings, serve, sink = two_workers
     cafile = settings.tls_dir / "dev-cert.pem"
     (worker,) = _children(serve.process.pid)
+    writers = _children(serve.process.pid, "--writes-fds")
+    # On SQLite one writer process commits for both (``consent_registry.writes``).
+    assert len(writers) == (1 if settings.database_url.startswith("sqlite") else 0)
     pids = [serve.process.pid, worker]
     served_by: dict[int, smtplib.SMTP] = {}
     opened = []
@@ -109,6 +123,7 @@ def test_both_workers_serve_the_port_and_each_message_is_delivered_once(
     assert subjects == sorted(f"from {pid}".encode() for pid in pids)
     assert serve.stop() == 0  # SIGTERM to the first process stops both
     assert not Path(f"/proc/{worker}").exists()
+    assert all(_gone(writer) for writer in writers)
     time.sleep(0.5)
     assert len(sink.received) == 2  # and nothing was sent twice
 
@@ -133,9 +148,29 @@ def test_a_worker_whose_first_process_was_killed_stops_by_itself(
 ) -> None:
     _, serve, _ = two_workers
     (worker,) = _children(serve.process.pid)
+    writers = _children(serve.process.pid, "--writes-fds")
     serve.kill()
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not Path(f"/proc/{worker}").exists()
+    assert _gone(worker)
     assert "the first cgw serve process is gone: stopping" in "".join(serve.output)
+    assert all(_gone(writer) for writer in writers)  # its last connection closed with the worker
+
+
+def test_a_writer_process_that_dies_stops_the_gateway_with_an_error(
+    two_workers: tuple[Settings, ServeProcess, Sink],
+) -> None:
+    settings, serve, sink = two_workers
+    if not settings.database_url.startswith("sqlite"):
+        pytest.skip("the workers share a writer process on SQLite only")
+    (worker,) = _children(serve.process.pid)
+    (writer,) = _children(serve.process.pid, "--writes-fds")
+    os.kill(writer, signal.SIGTERM)  # ignored: it ends after the workers, not before
+    client = _logged_in(serve.port, settings.tls_dir / "dev-cert.pem")
+    assert client.sendmail(SENDER, [f"colleague@{DOMAIN}"], _message("still written")) == {}
+    client.quit()
+    sink.wait_for(1)
+    os.kill(writer, signal.SIGKILL)
+    assert serve.process.wait(60) == 1
+    serve.stop()
+    output = "".join(serve.output)
+    assert "cgw: error: stopped: the writer process exited (code -9)\n" in output, output
+    assert _gone(worker)
