@@ -256,7 +256,7 @@ class DeliveryWorker:
         if not self._settle(message, results, content):
             return
         try:
-            self.spool.remove(message.message_id)
+            self.spool.release(message.message_id, message.size)
         except Exception:  # recorded all the same: only the copy stays, until the next start
             log.exception(
                 "%s is complete but its spool copy could not be removed", message.message_id
@@ -284,7 +284,7 @@ class DeliveryWorker:
                 held=held,
                 arrived=message.received_at,
             )
-            within = EnqueueReports(self.reports, tuple(reports), now)
+            within = EnqueueReports(self.reports, tuple(reports), now, tuple(batch.inline))
             return self.queue.finish(message, settled, now, self.retry, within)
 
     def _prepare(self, message: ClaimedMessage) -> _Prepared:

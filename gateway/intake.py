@@ -1,14 +1,16 @@
 """Accepting a message: stamp its header, spool it durably, queue it, audit it.
 
-The message is sealed into the spool's ``tmp`` directory while DATA arrives
-(``IncomingMessage``): only its header block is kept in memory, to be read
-and stamped, so ten 25 MB uploads cost megabytes, not hundreds of them.
+The message is sealed while DATA arrives (``IncomingMessage``): in memory
+up to the spool's inline limit, then into the spool's ``tmp`` directory; only
+its header block is kept whole, to be read and stamped, so ten 25 MB uploads
+cost megabytes, not hundreds of them.
 
-The order is the promise behind 250: the sealed file (and any report the
-sender is owed: a held notice, a bounce in bounce mode) is fsync'ed into the
-spool, then the queue rows and audit entries commit in one transaction, and
-only then does the client hear 250. A fault at any step removes what was
-written and the client hears 451 (or 452 when the disk is full).
+The order is the promise behind 250: a message in a file is fsync'ed into
+the spool first; then its queue rows, audit entries, the reports the sender
+is owed (a held notice, a bounce in bounce mode) and the inline copies of
+message and reports commit in one transaction, and only then does the
+client hear 250. A fault at any step removes what was written and the
+client hears 451 (or 452 when the disk is full).
 
 Fresh mail goes to delivery directly when it has a free slot: the
 recipients are queued already claimed and handed over, so the queue is not
@@ -27,6 +29,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Protocol
 
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from consent_registry.writes import Writes
@@ -50,7 +53,7 @@ from gateway.queue import (
     new_message_id,
 )
 from gateway.reports import Report, Reports
-from gateway.spool import Spool, SpoolFull, SpoolWriter
+from gateway.spool import InlineCopy, Spool, SpoolFull, SpoolWriter, storage_full, store_inline
 from policies.decision import Decision, Outcome
 from policies.facts import SenderFacts
 
@@ -204,14 +207,12 @@ class Intake:
         self.deliveries = deliveries
 
     def receive(self) -> IncomingMessage:
-        """A new message about to arrive (the spool file is created now: a spool
-        that cannot take it is answered before the client sends any data)."""
+        """A new message about to arrive. A spool that cannot take it shows
+        when it outgrows memory (``SpoolWriter``), or at the commit: 452 or
+        451 after the data, never 250."""
         now = self.clock()
         message_id = new_message_id(now)
-        try:
-            writer = self.spool.writer(message_id)
-        except SpoolFull as exc:
-            raise StorageFullError(str(exc)) from exc
+        writer = self.spool.writer(message_id)
         return IncomingMessage(writer, lambda block: self._stamp(block, message_id, now))
 
     async def accept(
@@ -323,10 +324,15 @@ class Intake:
                     now,
                     claim,
                     tuple(reports),
+                    tuple(batch.inline),
                 )
                 claimed = self.writes.run(queue_it)
         except SpoolFull as exc:
             raise StorageFullError(str(exc)) from exc
+        except OperationalError as exc:
+            if storage_full(exc):
+                raise StorageFullError("the database's disk is full") from exc
+            raise
         handed = None
         if claimed:
             size = message.writer.size
@@ -365,8 +371,10 @@ class QueueAccepted:
     now: datetime
     claim: Claim | None
     owed: tuple[Report, ...]
+    inline: tuple[InlineCopy, ...]  # the message and its reports, when spooled inline
 
     def __call__(self, session: Session) -> tuple[ClaimedRecipient, ...]:
+        store_inline(session, self.inline, self.now)
         claimed: tuple[ClaimedRecipient, ...] = ()
         if self.kept:
             queued = [QueuedRecipient.decided(a, d) for a, d in self.kept]

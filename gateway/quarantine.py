@@ -36,7 +36,7 @@ from gateway.policy_gate import PolicyGate
 from gateway.queue import QueuedRecipient, QueueStore
 from gateway.reports import Reports
 from gateway.settings import format_duration
-from gateway.spool import Spool
+from gateway.spool import Spool, store_inline
 from policies.decision import Decision, Outcome
 from policies.engine import decide_release
 
@@ -189,11 +189,12 @@ class Quarantine:
             for row, rejected in zip(taken, failed, strict=True):
                 QueueStore.reject(session, row, rejected.diagnostic, now)
                 self._audit(session, AuditAction.MESSAGE_REJECTED, actor, row, None, now, detail)
+            store_inline(session, batch.inline, now)
             self.reports.enqueue(session, reports, now)
             complete = QueueStore.close_if_complete(session, message_id, now)
         if complete:
             try:
-                self.spool.remove(message_id)
+                self.spool.release(message_id, message.size)
             except OSError:
                 log.warning("rejected %s; its spool file stays until the next start", message_id)
         return [row.address for row in taken]

@@ -29,6 +29,7 @@ from consent_registry.models import QueueMessage, QueueRecipient
 from consent_registry.writes import DirectWrites, Writes
 from gateway.audit import AuditAction, AuditEntry, AuditLog
 from gateway.headers import storable
+from gateway.spool import forget_inline
 from policies.decision import Decision, Outcome
 from policies.retry import expired, next_attempt
 
@@ -380,7 +381,8 @@ class QueueStore:
 
     @staticmethod
     def close_if_complete(session: Session, message_id: str, now: datetime) -> bool:
-        """Mark the message done when no recipient is open any more.
+        """Mark the message done when no recipient is open any more; its inline
+        spool copy goes with it.
 
         The message row is locked first: two transactions closing the last
         two open recipients of one message (a delivery and a reject) then
@@ -391,6 +393,8 @@ class QueueStore:
         if connection.dialect.name == "postgresql":  # SQLite's writers take turns anyway
             connection.execute(_LOCK_MESSAGE, {"id": message_id})
         closed = connection.execute(_CLOSE, {"message_id": message_id, "now": now})
+        if closed.rowcount:
+            forget_inline(session, message_id)  # a file copy goes after the commit
         return bool(closed.rowcount)
 
     @staticmethod

@@ -1,9 +1,9 @@
 """Reports to senders, queued in the same transaction as the event they report.
 
 A report (a bounce or a held notice, see ``bounce``) is a message of its own,
-from the null sender, in the queue like any other. Its sealed file goes into
-the spool first, through the caller's ``SpoolBatch``; its queue row and audit
-entry commit together with what it reports. A crash can therefore neither
+from the null sender, in the queue like any other. It is sealed into the
+caller's ``SpoolBatch`` as an inline copy; that copy, its queue row and its
+audit entry commit together with what it reports. A crash can therefore neither
 lose the report of a failure nor send a report about something that never
 happened.
 """
@@ -19,7 +19,7 @@ from sqlmodel import Session
 from gateway.audit import AuditAction, AuditEntry, AuditLog
 from gateway.bounce import FailedRecipient, build_dsn, build_held_notice
 from gateway.queue import QueuedRecipient, QueueStore, new_message_id
-from gateway.spool import SpoolBatch
+from gateway.spool import InlineCopy, SpoolBatch, store_inline
 
 # A held recipient in a notice: not delivered yet, for a security reason (RFC 3463).
 HELD_STATUS = "4.7.0"
@@ -145,6 +145,8 @@ class EnqueueReports:
     reports: Reports
     owed: tuple[Report, ...]
     now: datetime
+    inline: tuple[InlineCopy, ...]  # their sealed copies (``SpoolBatch.inline``)
 
     def __call__(self, session: Session) -> None:
+        store_inline(session, self.inline, self.now)
         self.reports.enqueue(session, self.owed, self.now)

@@ -133,7 +133,8 @@ class SubmissionProtocol(SMTP):
         """Refuse source routes (<@relay:user@host>) and control characters.
 
         aiosmtpd's parser would drop a route, or a CR inside the brackets, and
-        pass on an address the client never wrote; it fails on a lone ``<``.
+        pass on an address the client never wrote; it fails on a lone ``<``
+        (IndexError) and on ``<a@[`` (AttributeError).
         """
         if arg.lstrip().startswith("<@") or any(ord(c) < 32 or ord(c) == 127 for c in arg):
             return None, None
@@ -143,7 +144,7 @@ class SubmissionProtocol(SMTP):
         if plain is None or rest.startswith("(") or "=?" in plain.group(1):
             try:
                 return super()._getaddr(arg)
-            except IndexError:  # the parser's answer to a lone "<": a syntax error, not a fault
+            except (IndexError, AttributeError):  # the parser's crash: a syntax error, not a fault
                 return None, None
         # The everyday form, as the full parser would read it: it cost a tenth
         # of the event loop's time at load (two paths a message).
@@ -254,15 +255,7 @@ class SubmissionProtocol(SMTP):
             await self.push("501 Syntax: DATA")
             return
         assert isinstance(self.event_handler, SubmissionHandler)
-        try:
-            message = self.event_handler.intake.receive()
-        except (StorageFullError, OSError) as exc:
-            # As after a 4xx at the end of DATA, the transaction is over.
-            log.error("cannot create a spool file: %s", exc)
-            self.envelope = self._create_envelope()
-            full = isinstance(exc, StorageFullError)
-            await self.push(replies.STORAGE_FULL if full else replies.TEMPORARY_FAULT)
-            return
+        message = self.event_handler.intake.receive()
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             refusal = await self._receive(message)

@@ -22,10 +22,11 @@ from consent_registry.models import QueueMessage, QueueRecipient
 from gateway.app import initialise
 from gateway.crypto_at_rest import storage_key
 from gateway.settings import Settings
-from gateway.spool import open_spool
+from gateway.spool import INLINE_LIMIT, open_spool
 from tests.conftest import DOMAIN, PASSWORD, create_user
 from tests.runner import GatewayThread
 from tests.sink import Sink
+from tests.spools import store
 
 SENDER = f"dr.smith@{DOMAIN}"
 MARKER = "CONFIDENTIAL-DIAGNOSIS-7f3e9a"
@@ -217,8 +218,8 @@ def test_a_delivered_message_left_in_the_spool_goes_at_the_next_start(
     engine = make_engine(settings.database_url)
     try:
         spool = open_spool(settings, engine, storage_key(settings)[0])
-        spool.store(delivered, b"left by a kill")
-        spool.store("never-acknowledged", b"an intake still under way")
+        store(spool, delivered, b"left by a kill")
+        store(spool, "never-acknowledged", b"an intake still under way")
     finally:
         engine.dispose()
     assert sorted(_stored(settings)) == sorted([delivered, "never-acknowledged"])
@@ -257,11 +258,13 @@ def test_spool_fault_answers_451_and_stores_nothing(
     tmp.rmdir()
     tmp.write_bytes(b"")  # the spool's work directory is now a file: every write fails
     client = running.logged_in("drsmith", PASSWORD)
+    # Larger than the spool keeps in memory: it must go to a file, and cannot.
+    too_large = _message() + b"".join(b"line %06d\r\n" % n for n in range(INLINE_LIMIT // 8))
     with pytest.raises(smtplib.SMTPDataError) as refused:
-        client.sendmail(SENDER, [f"colleague@{DOMAIN}"], _message())
+        client.sendmail(SENDER, [f"colleague@{DOMAIN}"], too_large)
     assert refused.value.smtp_code == 451
     assert refused.value.smtp_error.startswith(b"4.3.0")
-    assert list(settings.spool_dir.glob("*.msg")) == []
+    assert _stored(settings) == []
     assert _recipients(settings) == []
     tmp.unlink()
     tmp.mkdir()

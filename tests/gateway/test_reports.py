@@ -27,7 +27,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col, select
 
 from consent_registry.db import make_engine
-from consent_registry.models import AuditEvent, AuditHead, QueueMessage, QueueRecipient
+from consent_registry.models import (
+    AuditEvent,
+    AuditHead,
+    QueueMessage,
+    QueueRecipient,
+    SpooledMessage,
+)
 from consent_registry.writes import DirectWrites
 from gateway.app import initialise
 from gateway.audit import AuditAction, AuditEntry, AuditLog, audit_key
@@ -36,10 +42,11 @@ from gateway.crypto_at_rest import StorageKey, storage_key
 from gateway.intake import Intake
 from gateway.reports import Reports
 from gateway.settings import Settings
-from gateway.spool import FileSpool, Spool
+from gateway.spool import INLINE_LIMIT, FileSpool, Spool, SpoolBatch
 from policies.decision import Decision, Outcome, Protection, Reason
 from policies.facts import Role, SenderFacts
 from tests.conftest import DOMAIN
+from tests.spools import file_spool, store
 
 HOSTNAME = "gateway.test"
 SENDER = f"dr.smith@{DOMAIN}"
@@ -344,24 +351,33 @@ class Boom(Exception):
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    directory = tmp_path / "spool"
-    FileSpool.prepare(directory)
-    return FileSpool(directory, StorageKey(secrets.token_bytes(32)))
+def spool(tmp_path: Path) -> FileSpool:
+    """Every received message in a file (an inline limit of 0)."""
+    return file_spool(tmp_path / "spool", StorageKey(secrets.token_bytes(32)), inline_limit=0)
 
 
-def _files(spool: Spool) -> list[Path]:
+def _files(spool: FileSpool) -> list[Path]:
     return sorted(p for p in spool.directory.rglob("*") if p.is_file())
+
+
+def _adopt(batch: SpoolBatch, spool: Spool, message_id: str, content: bytes) -> None:
+    writer = spool.writer(message_id)
+    try:
+        writer.write(content)
+    except BaseException:
+        writer.discard()
+        raise
+    batch.adopt(writer)
 
 
 @pytest.mark.parametrize("error", [Boom, KeyboardInterrupt], ids=["exception", "interrupt"])
 def test_files_stored_in_a_failing_block_are_removed(
-    spool: Spool, error: type[BaseException]
+    spool: FileSpool, error: type[BaseException]
 ) -> None:
-    spool.store("EARLIER", b"stored before the block")
+    store(spool, "EARLIER", b"stored before the block")
     with pytest.raises(error), spool.batch() as batch:
-        batch.store("FIRST", b"first " + BODY_MARKER.encode())
-        batch.store("SECOND", b"second " + BODY_MARKER.encode())
+        _adopt(batch, spool, "FIRST", b"first " + BODY_MARKER.encode())
+        _adopt(batch, spool, "SECOND", b"second " + BODY_MARKER.encode())
         assert sorted(spool.stored_ids()) == ["EARLIER", "FIRST", "SECOND"]
         raise error()
     assert spool.stored_ids() == ["EARLIER"]
@@ -369,24 +385,29 @@ def test_files_stored_in_a_failing_block_are_removed(
     assert spool.load("EARLIER") == b"stored before the block"
 
 
-def test_a_store_that_fails_in_a_block_takes_the_earlier_ones_with_it(spool: Spool) -> None:
+def test_a_store_that_fails_in_a_block_takes_the_earlier_ones_with_it(spool: FileSpool) -> None:
     (spool.tmp / "SECOND.tmp").write_bytes(b"in the way")  # a real I/O failure for SECOND
     with pytest.raises(FileExistsError), spool.batch() as batch:
-        batch.store("FIRST", b"first")
-        batch.store("SECOND", b"second")
+        _adopt(batch, spool, "FIRST", b"first")
+        _adopt(batch, spool, "SECOND", b"second")
     assert spool.stored_ids() == []
 
 
-def test_files_stored_in_a_block_that_succeeds_stay(spool: Spool) -> None:
+def test_files_stored_in_a_block_that_succeeds_stay(spool: FileSpool) -> None:
     with spool.batch() as batch:
-        batch.store("FIRST", b"first " + BODY_MARKER.encode())
-        batch.store("SECOND", b"second")
+        _adopt(batch, spool, "FIRST", b"first " + BODY_MARKER.encode())
+        _adopt(batch, spool, "SECOND", b"second")
+        batch.store("REPORT", b"a report " + BODY_MARKER.encode())
     assert batch.stored == ["FIRST", "SECOND"]
     assert sorted(spool.stored_ids()) == ["FIRST", "SECOND"]
     assert spool.load("FIRST") == b"first " + BODY_MARKER.encode()
     assert spool.load("SECOND") == b"second"
     assert list(spool.tmp.iterdir()) == []
     assert all(BODY_MARKER.encode() not in p.read_bytes() for p in _files(spool))
+    # A report is always an inline copy, for the block's transaction to insert.
+    ((report_id, sealed),) = batch.inline
+    assert report_id == "REPORT" and BODY_MARKER.encode() not in sealed
+    assert spool.key.open(sealed, "REPORT") == b"a report " + BODY_MARKER.encode()
 
 
 # --- the intake: all or nothing -----------------------------------------------------------------
@@ -438,7 +459,8 @@ class FailingAuditLog(AuditLog):
     def record(self, session: Session, entry: AuditEntry, now: datetime) -> None:
         self.calls += 1
         if self.calls == self.fail_at:
-            self.spooled_when_failing = self.spool.stored_ids()
+            inline = session.exec(select(SpooledMessage.id)).all()
+            self.spooled_when_failing = [*self.spool.stored_ids(), *inline]
             self.queued_when_failing = len(session.exec(select(QueueMessage)).all())
             raise TransactionFailed(f"audit entry {self.calls} ({entry.action}) failed")
         super().record(session, entry, now)
@@ -477,13 +499,26 @@ class Parts:
     def spool_files(self) -> list[Path]:
         return sorted(p for p in self.settings.spool_dir.rglob("*") if p.is_file())
 
+    def copies(self) -> dict[str, bytes]:
+        """Every spooled copy as stored (sealed): files and inline rows."""
+        with Session(self.engine) as session:
+            rows = {r.id: r.sealed for r in session.exec(select(SpooledMessage)).all()}
+        files = {p.stem: p.read_bytes() for p in self.spool_files()}
+        assert not rows.keys() & files.keys()
+        return rows | files
 
-@pytest.fixture
-def parts(make_settings: Callable[..., Settings]) -> Iterator[Parts]:
+
+@pytest.fixture(params=["inline", "file"], ids=lambda kind: f"message-{kind}")
+def parts(
+    make_settings: Callable[..., Settings], request: pytest.FixtureRequest
+) -> Iterator[Parts]:
+    """The intake's parts; the received message spooled inline, or in a file
+    (reports are inline either way)."""
     settings = make_settings(denial_mode="bounce")
     initialise(settings)
     engine = make_engine(settings.database_url)
-    spool = FileSpool(settings.spool_dir, storage_key(settings)[0])
+    limit = INLINE_LIMIT if request.param == "inline" else 0
+    spool = FileSpool(settings.spool_dir, storage_key(settings)[0], engine, limit)
     try:
         yield Parts(settings, engine, spool, [])
     finally:
@@ -500,7 +535,7 @@ def _rows(engine: Engine) -> tuple[list[QueueMessage], list[QueueRecipient], lis
 
 
 def _assert_nothing_left(parts: Parts) -> None:
-    assert parts.spool_files() == []
+    assert parts.copies() == {}
     messages, recipients, events = _rows(parts.engine)
     assert messages == []
     assert recipients == []
@@ -555,7 +590,7 @@ def test_nothing_is_left_from_a_failure_and_the_next_message_goes_through(parts:
     messages, _, events = _rows(parts.engine)
     assert len(messages) == 3
     assert [e.seq for e in events] == [1, 2, 3, 4]
-    assert len(parts.spool.stored_ids()) == 3
+    assert len(parts.copies()) == 3
 
 
 def _report_actions(parts: Parts, report_id: str) -> dict[str, str]:
@@ -610,15 +645,13 @@ def test_one_accept_stores_the_message_a_held_notice_and_a_bounce_sealed(parts: 
         [((HELD_PATIENT, "delayed"),), ((REFUSED_PATIENT, "failed"),)], key=str
     )
 
-    # Everything is in the spool, sealed: no marker in any file as stored.
-    assert sorted(parts.spool.stored_ids()) == sorted(by_id.keys() | {message_id})
-    files = parts.spool_files()
-    assert len(files) == 3
-    for path in files:
-        raw = path.read_bytes()
-        assert SUBJECT_MARKER.encode() not in raw, path
-        assert BODY_MARKER.encode() not in raw, path
-        assert b"Befund" not in raw, path
+    # Everything is in the spool, sealed: no marker in any copy as stored.
+    copies = parts.copies()
+    assert sorted(copies) == sorted(by_id.keys() | {message_id})
+    for copy_id, raw in copies.items():
+        assert SUBJECT_MARKER.encode() not in raw, copy_id
+        assert BODY_MARKER.encode() not in raw, copy_id
+        assert b"Befund" not in raw, copy_id
     # The markers were there to find: the message opens to them.
     stored = parts.spool.load(message_id)
     assert SUBJECT_MARKER.encode() in stored

@@ -19,17 +19,20 @@ import re
 import secrets
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from consent_registry.db import session_scope
 from gateway.budget import MachineTurn, OctetBudget
 from gateway.crypto_at_rest import CHUNK_SIZE, StorageKey
 from gateway.intake import HEADER_LIMIT, HeaderTooLarge, IncomingMessage
 from gateway.relay import dot_stuffed
-from gateway.spool import FileSpool
+from gateway.spool import INLINE_LIMIT, FileSpool, store_inline
+from tests.spools import file_spool
 
 KEY = StorageKey(secrets.token_bytes(32))
 
@@ -64,8 +67,7 @@ def _stamp(block: bytes) -> bytes:
 
 
 def _receive(tmp_path: Path, content: bytes) -> tuple[IncomingMessage, FileSpool]:
-    FileSpool.prepare(tmp_path)
-    spool = FileSpool(tmp_path, KEY)
+    spool = file_spool(tmp_path / "spool", KEY)
     message = IncomingMessage(spool.writer("M1"), _stamp)
     for line in content.splitlines(keepends=True):
         message.add(line)
@@ -74,7 +76,14 @@ def _receive(tmp_path: Path, content: bytes) -> tuple[IncomingMessage, FileSpool
 
 
 def _stored(message: IncomingMessage, spool: FileSpool) -> bytes:
-    spool.adopt(message.writer)
+    """Stored as intake stores it: a file (the long body), or inline (the rest)."""
+    with spool.batch() as batch, session_scope(spool.engine) as session:
+        batch.adopt(message.writer)
+        store_inline(session, batch.inline, datetime.now(UTC))
+    in_a_file = message.writer.size > INLINE_LIMIT
+    assert batch.stored == (["M1"] if in_a_file else [])
+    assert [mid for mid, _ in batch.inline] == ([] if in_a_file else ["M1"])
+    assert [p.stem for p in spool.directory.glob("*.msg")] == batch.stored  # no file if inline
     return spool.load("M1")
 
 
@@ -120,13 +129,13 @@ def test_a_bare_line_ending_anywhere_is_caught_and_nothing_is_kept(
 ) -> None:
     message, _ = _receive(tmp_path, content)
     assert message.line_ending == kind
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
 
 def test_an_unusable_header_is_caught_and_nothing_is_kept(tmp_path: Path) -> None:
     message, _ = _receive(tmp_path, b"Not a header\r\nFrom: a@x\r\n\r\n" + BODY)
     assert message.header_error is not None and message.line_ending is None
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
 
 def test_a_header_over_the_limit_is_refused_without_holding_it(tmp_path: Path) -> None:
@@ -134,7 +143,7 @@ def test_a_header_over_the_limit_is_refused_without_holding_it(tmp_path: Path) -
     content = b"X-Long: x\r\n" + fold * (HEADER_LIMIT // len(fold) + 2) + b"\r\nbody\r\n"
     message, _ = _receive(tmp_path, content)
     assert isinstance(message.header_error, HeaderTooLarge)
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
 
 # --- dot_stuffed --------------------------------------------------------------------------

@@ -282,7 +282,9 @@ def test_unknown_external_recipient_is_refused_when_the_practice_says_so(
     assert (denied.recipient, denied.reason) == ("patient@example.org", "UNKNOWN_EXTERNAL")
 
 
-@pytest.mark.parametrize("command", ["MAIL FROM:<", "MAIL FROM:<>", "MAIL FROM:<a@"])
+@pytest.mark.parametrize(
+    "command", ["MAIL FROM:<", "MAIL FROM:<>", "MAIL FROM:<a@", "MAIL FROM:<a@["]
+)
 def test_a_truncated_path_is_a_syntax_error_not_a_fault(
     gateway: GatewayThread, command: str
 ) -> None:
@@ -437,10 +439,13 @@ _plain_paths = st.builds(
 _anything_bracketed = st.text(string.printable.strip() + " ", max_size=30).map(lambda t: "<" + t)
 
 
-@settings(max_examples=500)
+# Derandomized: a crash of aiosmtpd's parser that a new random run finds
+# belongs in an @example and a fix, not in a CI run that fails by chance.
+@settings(max_examples=500, derandomize=True)
 @given(st.one_of(_plain_paths, _anything_bracketed), st.sampled_from([0, 4, 64]))
 @example("<=?utf-8?q?foo?=@example.com>", 0)  # the parser decodes encoded words
 @example("<a=?b@example.com> SIZE=1", 0)
+@example("<0@[", 0)  # the parser fails with AttributeError
 def test_the_fast_path_reads_a_path_as_aiosmtpds_parser_does(arg: str, limit: int) -> None:
     # MAIL FROM and RCPT TO arguments in their everyday form skip the full
     # RFC 5322 parser; whatever the fast path reads, the parser reads alike.
@@ -448,6 +453,6 @@ def test_the_fast_path_reads_a_path_as_aiosmtpds_parser_does(arg: str, limit: in
     protocol.local_part_limit = limit
     try:
         parsed = SMTP._getaddr(protocol, arg)
-    except IndexError:  # aiosmtpd's parser on a lone "<" and the like
+    except (IndexError, AttributeError):  # aiosmtpd's parser on "<", "<a@[" and the like
         parsed = (None, None)
     assert protocol._getaddr(arg) == parsed

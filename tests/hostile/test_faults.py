@@ -35,6 +35,7 @@ from sqlalchemy.engine import make_url
 from consent_registry import db
 from consent_registry.models import QueueRecipient
 from gateway.settings import Settings
+from gateway.spool import INLINE_LIMIT
 from tests.conftest import PASSWORD, POSTGRES_URL
 from tests.gateway.test_durability import _recipients, _stored, _wait
 from tests.hostile.helpers import COLLEAGUE, SENDER, audit, message
@@ -183,8 +184,13 @@ def test_after_a_451_at_the_end_of_data_the_transaction_is_over(
         engine.dispose()
 
 
-def test_a_451_to_the_data_command_ends_the_transaction_too(
-    relaying: GatewayThread,
+def _larger_than_memory(marker: str) -> bytes:
+    """A message the spool does not keep in memory (over ``INLINE_LIMIT``): it needs a file."""
+    return message(marker) + b"".join(b"line %06d\r\n" % n for n in range(INLINE_LIMIT // 8))
+
+
+def test_without_a_spool_file_small_mail_goes_inline_and_large_mail_gets_451(
+    relaying: GatewayThread, sink: Sink
 ) -> None:
     running, settings = relaying, relaying.settings
     tmp = settings.spool_dir / "tmp"
@@ -192,16 +198,21 @@ def test_a_451_to_the_data_command_ends_the_transaction_too(
     tmp.write_bytes(b"")  # as in test_durability: no spool file can be created
     client = running.logged_in("drsmith", PASSWORD)
     try:
+        # A small message needs no file: it is stored with its queue rows.
+        assert client.sendmail(SENDER, [COLLEAGUE], message("small")) == {}
         client.mail(SENDER)
         client.rcpt(COLLEAGUE)
-        code, reply = client.docmd("DATA")  # refused before 354: no data is sent for nothing
+        code, reply = client.data(_larger_than_memory("large"))
         assert (code, reply[:6]) == (451, b"4.3.0 ")
-        tmp.unlink()
-        tmp.mkdir()
-        assert client.docmd("DATA")[0] == 503
+        assert client.docmd("DATA")[0] == 503  # the transaction is over
         assert client.mail(SENDER)[0] == 250
     finally:
         client.close()
+        tmp.unlink()
+        tmp.mkdir()
+    (received,) = sink.wait_for(1)
+    assert b"small" in received.content
+    _delivered_all(settings)
 
 
 # 9. The spool's file system read-only, or full -----------------------------------
@@ -243,10 +254,9 @@ def test_read_only_spool_answers_451_and_stores_nothing(
     client = running.logged_in("drsmith", PASSWORD)
     client.mail(SENDER)
     client.rcpt(COLLEAGUE)
-    # The spool file is created before 354: the client is told before it sends the data.
-    with pytest.raises(smtplib.SMTPDataError) as refused:
-        client.data(message("read-only"))
-    assert (refused.value.smtp_code, refused.value.smtp_error[:6]) == (451, b"4.3.0 ")
+    # Too large to keep in memory: it needs a spool file, which cannot be made.
+    code, reply = client.data(_larger_than_memory("read-only"))
+    assert (code, reply[:6]) == (451, b"4.3.0 ")
     client.quit()
     _accepted_nothing(settings)
     mount("-o", "remount,bind,rw", spool)
