@@ -62,6 +62,11 @@ class Writes(Protocol):
         """Run ``work`` in a write transaction; return once it is committed."""
         ...
 
+    def submit(self, work: Callable[[Session], T]) -> Future[T]:
+        """``work``'s result once committed, for callers that must not block
+        (the event loop awaits it with ``asyncio.wrap_future``)."""
+        ...
+
 
 class DirectWrites:
     """Each transaction on its own, in the caller's thread (the CLI, tests)."""
@@ -72,6 +77,15 @@ class DirectWrites:
     def run(self, work: Callable[[Session], T]) -> T:
         with session_scope(self.engine) as session:
             return work(session)
+
+    def submit(self, work: Callable[[Session], T]) -> Future[T]:
+        """Committed before it returns (in the caller's thread, as ``run``)."""
+        done: Future[T] = Future()
+        try:
+            done.set_result(self.run(work))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
 
 @dataclass

@@ -240,31 +240,21 @@ class DeliveryWorker:
                 },
             )
         try:
-            await asyncio.to_thread(self._record, message, results, content)
+            await self._record(message, results, content)
         except Exception:
             # Unrecorded: the claim lapses and the message is tried again (at least once).
             log.exception("could not record the delivery of %s", message.message_id)
 
-    def _record(
+    async def _record(
         self, message: ClaimedMessage, results: dict[str, RecipientResult], content: bytes
     ) -> None:
         """Record the results, and queue what the sender is owed in the same transaction.
 
         A bounce for recipients that failed for good, a notice for recipients
-        put back in the quarantine. A complete message leaves the spool.
+        put back in the quarantine, both inline spool copies: no file work,
+        so the event loop awaits the writer itself. A complete message
+        leaves the spool (a file copy after the commit, in a thread).
         """
-        if not self._settle(message, results, content):
-            return
-        try:
-            self.spool.release(message.message_id, message.size)
-        except Exception:  # recorded all the same: only the copy stays, until the next start
-            log.exception(
-                "%s is complete but its spool copy could not be removed", message.message_id
-            )
-
-    def _settle(
-        self, message: ClaimedMessage, results: dict[str, RecipientResult], content: bytes
-    ) -> bool:
         now = self.clock()
         settled = settle(message, results, now, self.retry.lifetime)
         failed = [
@@ -285,7 +275,17 @@ class DeliveryWorker:
                 arrived=message.received_at,
             )
             within = EnqueueReports(self.reports, tuple(reports), now, tuple(batch.inline))
-            return self.queue.finish(message, settled, now, self.retry, within)
+            finished = self.queue.finish(message, settled, now, self.retry, within)
+            complete = await asyncio.wrap_future(finished)
+        if not complete:
+            return
+        try:
+            if self.spool.may_have_file(message.size):
+                await asyncio.to_thread(self.spool.release, message.message_id, message.size)
+        except Exception:  # recorded all the same: only the copy stays, until the next start
+            log.exception(
+                "%s is complete but its spool copy could not be removed", message.message_id
+            )
 
     def _prepare(self, message: ClaimedMessage) -> _Prepared:
         """Everything blocking before the send, in one thread hop: the message

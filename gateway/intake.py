@@ -235,9 +235,7 @@ class Intake:
         now = self.clock()
         deliveries = self.deliveries
         claim = deliveries.reserve(now) if deliveries is not None else None
-        store = asyncio.ensure_future(
-            asyncio.to_thread(self._store, sender, mail_from, decided, message, now, claim)
-        )
+        store = asyncio.ensure_future(self._store(sender, mail_from, decided, message, now, claim))
 
         def stored(done: asyncio.Future[tuple[bool, ClaimedMessage | None, bool]]) -> None:
             # Handed over when the store ends, not when this session does: a
@@ -285,7 +283,7 @@ class Intake:
             remove=frozenset({"bcc"}),
         )
 
-    def _store(
+    async def _store(
         self,
         sender: SenderFacts,
         mail_from: str,
@@ -295,7 +293,11 @@ class Intake:
         claim: Claim | None,
     ) -> tuple[bool, ClaimedMessage | None, bool]:
         """Spool and queue the message: whether any recipient was kept, what
-        delivery takes over (with ``claim``), and whether more was queued."""
+        delivery takes over (with ``claim``), and whether more was queued.
+
+        Only a message in a file takes a thread (to be fsync'ed); the event
+        loop awaits the writer's commit itself.
+        """
         kept = [(a, d) for a, d in decided if d.outcome is not Outcome.DENY]
         refused = [
             FailedRecipient(a, d.enhanced_code, replies.decision(d, a))
@@ -308,8 +310,10 @@ class Intake:
         header = message.stamped_header  # all a report quotes
         try:
             with self.spool.batch() as batch:
-                if kept:
+                if kept and message.writer.in_memory:
                     batch.adopt(message.writer)
+                elif kept:
+                    await asyncio.to_thread(batch.adopt, message.writer)
                 reports = self.reports.owed(
                     batch, mail_from, header, about, now, failed=refused, held=held
                 )
@@ -326,7 +330,7 @@ class Intake:
                     tuple(reports),
                     tuple(batch.inline),
                 )
-                claimed = self.writes.run(queue_it)
+                claimed = await asyncio.wrap_future(self.writes.submit(queue_it))
         except SpoolFull as exc:
             raise StorageFullError(str(exc)) from exc
         except OperationalError as exc:

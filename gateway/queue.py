@@ -17,6 +17,7 @@ import random
 import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -370,14 +371,15 @@ class QueueStore:
         now: datetime,
         retry: RetryPolicy,
         within: Callable[[Session], None] | None = None,
-    ) -> bool:
-        """Record settled results (see ``settle``); True when the message is complete.
+    ) -> Future[bool]:
+        """Record settled results (see ``settle``); True when the message is
+        complete, once committed (a future: delivery awaits it on its loop).
 
         ``within`` adds to the same transaction (the bounce for these results);
         like the transaction itself, it must pickle (see ``ClaimDue``).
         """
         assert self.audit is not None, "a delivering queue writes the audit log"
-        return self.writes.run(FinishDelivery(self.audit, claimed, results, now, retry, within))
+        return self.writes.submit(FinishDelivery(self.audit, claimed, results, now, retry, within))
 
     @staticmethod
     def close_if_complete(session: Session, message_id: str, now: datetime) -> bool:

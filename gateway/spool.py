@@ -134,8 +134,12 @@ class Spool(abc.ABC):
     def release(self, message_id: str, size: int) -> None:
         """What is left of a message the queue just completed: its file, if it
         had one (an inline copy left with the completing transaction)."""
-        if size > self.inline_limit:
+        if self.may_have_file(size):
             self._remove_file(message_id)
+
+    def may_have_file(self, size: int) -> bool:
+        """Whether a message of ``size`` octets may be in a file (else it is inline)."""
+        return size > self.inline_limit
 
     def stored_ids(self) -> list[str]:
         """Every message in the spool: inline rows and files."""

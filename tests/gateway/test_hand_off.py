@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -126,7 +127,8 @@ def test_delivery_reserves_no_more_slots_than_it_has(queue: QueueStore) -> None:
 
 
 class _GatedWrites:
-    """The real writes, held at the door until the test lets them in."""
+    """The real writes, in a thread of their own as the group commit's, held
+    at the door until the test lets them in."""
 
     def __init__(self, engine: Engine) -> None:
         self.inner = DirectWrites(engine)
@@ -134,9 +136,17 @@ class _GatedWrites:
         self.go = threading.Event()
 
     def run(self, work: Callable[[Session], T]) -> T:
-        self.entered.set()
-        self.go.wait(10)
-        return self.inner.run(work)
+        return self.submit(work).result(30)
+
+    def submit(self, work: Callable[[Session], T]) -> Future[T]:
+        def gated() -> None:
+            self.entered.set()
+            self.go.wait(10)
+            done.set_result(self.inner.run(work))
+
+        done: Future[T] = Future()
+        threading.Thread(target=gated, daemon=True).start()
+        return done
 
 
 class _Deliveries:
