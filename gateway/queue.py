@@ -87,6 +87,9 @@ _CLAIMED_MESSAGES = select_columns(
     col(QueueMessage.username),
     col(QueueMessage.size),
 ).where(col(QueueMessage.id).in_(bindparam("ids", expanding=True)))
+# Built once: building a statement cost about as much as running it.
+_INSERT_MESSAGE = insert(QueueMessage)
+_INSERT_RECIPIENTS = insert(QueueRecipient)
 # Queueing recipients already claimed: their ids, in the order given.
 _INSERT_RETURNING_IDS = insert(QueueRecipient).returning(
     col(QueueRecipient.id), sort_by_parameter_order=True
@@ -294,7 +297,7 @@ class QueueStore:
         """
         connection = session.connection()
         connection.execute(
-            insert(QueueMessage),
+            _INSERT_MESSAGE,
             [
                 {
                     "id": message_id,
@@ -327,7 +330,7 @@ class QueueStore:
             for rcpt in recipients
         ]
         if claim is None:
-            connection.execute(insert(QueueRecipient), rows)
+            connection.execute(_INSERT_RECIPIENTS, rows)
             return ()
         ids = [int(row.id) for row in connection.execute(_INSERT_RETURNING_IDS, rows)]
         return tuple(

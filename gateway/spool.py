@@ -61,6 +61,7 @@ InlineCopy = tuple[str, bytes]
 _SEALED = select_columns(col(SpooledMessage.sealed)).where(
     col(SpooledMessage.id) == bindparam("id")
 )
+_INSERT_INLINE = insert(SpooledMessage)
 _FORGET = delete(SpooledMessage).where(col(SpooledMessage.id) == bindparam("id"))
 
 
@@ -68,7 +69,7 @@ def store_inline(session: Session, copies: Iterable[InlineCopy], now: datetime) 
     """The inline copies of a batch, in the caller's (queue) transaction."""
     rows = [{"id": mid, "sealed": sealed, "stored_at": now} for mid, sealed in copies]
     if rows:
-        session.connection().execute(insert(SpooledMessage), rows)
+        session.connection().execute(_INSERT_INLINE, rows)
 
 
 def forget_inline(session: Session, message_id: str) -> None:
