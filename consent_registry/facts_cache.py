@@ -11,10 +11,18 @@ as ``registry_generation`` (moved by database triggers on every registry
 table, whoever writes) differs from the value they were read under; each
 use reads that one row first. Facts hold no clock: consent expiry and
 certificate validity are still decided at the moment of each decision.
+
+On SQLite that row is read in microseconds on a plain ``sqlite3``
+connection (``GenerationProbe``), so the event loop asks it itself and,
+when every fact it needs is in memory (``FactsCache.in_memory``), decides
+without a thread hop or a pooled connection: those, not the decisions,
+were what a cached lookup cost. A fact not in memory raises ``CacheMiss``,
+and the caller asks again in a thread, on a connection.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +30,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from cryptography import x509
-from sqlalchemy import Connection, bindparam
+from sqlalchemy import Connection, Engine, bindparam
 from sqlalchemy import select as select_columns
 from sqlmodel import col
 
@@ -44,6 +52,64 @@ V = TypeVar("V")
 # Entries at most: at 1,000,000 consents, a cache that only grows would hold
 # the registry; when full it starts again.
 CACHE_LIMIT = 20_000
+# How long the probe waits for a busy database before it gives up (and the
+# caller reads in a thread): never long enough to stall the event loop.
+PROBE_BUSY_SECONDS = 0.02
+
+
+class CacheMiss(LookupError):
+    """A fact asked of a registry read from memory alone (``FactsCache.in_memory``)
+    that memory does not hold."""
+
+
+class GenerationProbe:
+    """``registry_generation`` read on a plain ``sqlite3`` connection of its own.
+
+    A WAL reader takes no lock a writer holds, so the read does not wait for
+    commits; a database that is busy anyway (a checkpoint, recovery) or gone
+    reads as None, and the caller takes the slower way. SQLite files only:
+    a PostgreSQL read is a network round trip, never for the event loop.
+    """
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> GenerationProbe | None:
+        database = engine.url.database
+        if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            return None
+        return cls(database)
+
+    def read(self) -> int | None:
+        """The generation now, or None when it cannot be read at once."""
+        with self._lock:
+            try:
+                if self._connection is None:
+                    self._connection = sqlite3.connect(
+                        self.database,
+                        timeout=PROBE_BUSY_SECONDS,
+                        isolation_level=None,  # autocommit: every read sees the latest commit
+                        check_same_thread=False,
+                    )
+                row = self._connection.execute(
+                    "SELECT value FROM registry_generation WHERE id = 1"
+                ).fetchone()
+            except sqlite3.Error:
+                self._close()
+                return None
+        return None if row is None else int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 class FactsCache:
@@ -65,6 +131,14 @@ class FactsCache:
                 self._generation = generation
                 self._clear()
         return CachedRegistry(self, connection, generation)
+
+    def in_memory(self, generation: int) -> CachedRegistry | None:
+        """The registry from memory alone, when ``generation`` (read just now) is
+        the one the cache holds; its lookups raise ``CacheMiss`` for the rest."""
+        with self._lock:
+            if generation != self._generation:
+                return None
+        return CachedRegistry(self, None, generation)
 
     def known_keys(self, keys: Sequence[str]) -> dict[str, KeyFacts]:
         with self._lock:
@@ -115,17 +189,23 @@ class CertificateOnFile:
 
 @dataclass(frozen=True)
 class CachedRegistry:
-    """Registry lookups through the cache, on one connection, at one generation."""
+    """Registry lookups through the cache, on one connection, at one generation
+    (without one: from memory alone, see ``FactsCache.in_memory``)."""
 
     cache: FactsCache
-    connection: Connection
+    connection: Connection | None
     generation: int
+
+    def _reading(self) -> Connection:
+        if self.connection is None:
+            raise CacheMiss("not in memory")
+        return self.connection
 
     def recipient_facts(self, addresses: Sequence[Address]) -> list[RecipientFacts]:
         known = self.cache.known_keys([a.key for a in addresses])
         missing = [a.key for a in addresses if a.key not in known]
         if missing:
-            fetched = facts_by_key(self.connection, missing)
+            fetched = facts_by_key(self._reading(), missing)
             self.cache.keep_keys(self.generation, fetched)
             known.update(fetched)
         return assemble(addresses, known)
@@ -133,7 +213,7 @@ class CachedRegistry:
     def login_record(self, login: str) -> LoginRecord | None:
         cached, found = self.cache.known_login(login)
         if not cached:
-            found = login_record(self.connection, login)
+            found = login_record(self._reading(), login)
             self.cache.keep_login(self.generation, login, found)
         return found
 
@@ -142,7 +222,7 @@ class CachedRegistry:
         generation (a certificate deleted by hand moves the generation too)."""
         cached, found = self.cache.known_certificate(certificate_id)
         if not cached:
-            row = self.connection.execute(_CERTIFICATE, {"id": certificate_id}).first()
+            row = self._reading().execute(_CERTIFICATE, {"id": certificate_id}).first()
             if row is not None:
                 not_before, not_after, der = row
                 found = CertificateOnFile(

@@ -152,6 +152,7 @@ class Gateway:
         self._writes: GroupCommit | RemoteWrites | None = None
         self.worker: DeliveryWorker | None = None
         self.sweep: RetentionSweep | None = None
+        self._gate: PolicyGate | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -177,7 +178,7 @@ class Gateway:
             settings.smime_archive_cert, settings.smime_signing_cert, settings.smime_signing_key
         )
         protector = Protector(settings.protect_subject, archive, signer)
-        gate = PolicyGate(engine, settings.policy())
+        gate = self._gate = PolicyGate(engine, settings.policy())
         self.worker = DeliveryWorker(
             queue,
             spool,
@@ -325,5 +326,7 @@ class Gateway:
             await self.worker.close()
         if self._writes is not None:
             await asyncio.to_thread(self._writes.close)
+        if self._gate is not None:
+            self._gate.close()
         if self._engine is not None:
             self._engine.dispose()

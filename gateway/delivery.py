@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from consent_registry.facts_cache import CachedRegistry, CacheMiss
 from gateway import replies
 from gateway.bounce import FailedRecipient, failure_status
 from gateway.budget import MachineTurn, OctetBudget
@@ -211,7 +212,7 @@ class DeliveryWorker:
         results: dict[str, RecipientResult] = {}
         content = b""
         try:
-            content, prepared, sendable, sealed = await asyncio.to_thread(self._prepare, message)
+            content, prepared, sendable, sealed = await self._prepared(message)
             results.update(prepared)
             for protection, group in _by_protection(sendable).items():
                 results.update(await self._send(message, protection, group, content, sealed))
@@ -287,26 +288,54 @@ class DeliveryWorker:
                 "%s is complete but its spool copy could not be removed", message.message_id
             )
 
+    async def _prepared(self, message: ClaimedMessage) -> _Prepared:
+        """``_prepare``, on the event loop when it is quick: a small message
+        handed over in memory (its S/MIME copy costs microseconds) whose
+        registry facts are in memory too; otherwise in one thread hop."""
+        content = message.content
+        if content is not None:
+            registry = self.gate.in_memory()
+            if registry is not None:
+                with contextlib.suppress(CacheMiss):
+                    return self._prepare_with(message, content, registry)
+        return await asyncio.to_thread(self._prepare, message)
+
     def _prepare(self, message: ClaimedMessage) -> _Prepared:
-        """Everything blocking before the send, in one thread hop: the message
-        from the spool, its patient recipients decided again as the registry
+        """Everything blocking before the send: the message from the spool
+        (unless it came in memory), and ``_prepare_with`` on one read of the
+        registry."""
+        content = message.content
+        if content is None:
+            content = self.spool.load(message.message_id)
+        if not self._rechecked(message):
+            return content, {}, list(message.recipients), {}
+        with self.gate.registry() as registry:
+            return self._prepare_with(message, content, registry)
+
+    @staticmethod
+    def _rechecked(message: ClaimedMessage) -> bool:
+        """Whether the registry has a say: patient recipients, or S/MIME ones."""
+        return any(r.patient_id is not None or r.protection == _SMIME for r in message.recipients)
+
+    def _prepare_with(
+        self, message: ClaimedMessage, content: bytes, registry: CachedRegistry
+    ) -> _Prepared:
+        """The message's patient recipients decided again, as the registry
         stands now, and an encrypted copy for each S/MIME recipient.
 
         Returns the content, the results the recheck and the protection
         already settle, who may be sent to, and the S/MIME copies by address.
         """
-        content = self.spool.load(message.message_id)
-        patients = [r.address for r in message.recipients if r.patient_id is not None]
-        if not patients and all(r.protection != _SMIME for r in message.recipients):
+        if not self._rechecked(message):
             return content, {}, list(message.recipients), {}
-        with self.gate.registry() as registry:  # one read of the registry for all
-            decided = self.gate.recheck(message.username, patients, registry) if patients else {}
-            results, sendable = self._apply_recheck(message, decided)
-            on_file = {
-                r.address: registry.certificate(r.certificate_id) if r.certificate_id else None
-                for r in sendable
-                if r.protection == _SMIME
-            }
+        patients = [r.address for r in message.recipients if r.patient_id is not None]
+        decided = self.gate.recheck(message.username, patients, registry) if patients else {}
+        results, sendable = self._apply_recheck(message, decided)
+        on_file = {
+            r.address: registry.certificate(r.certificate_id) if r.certificate_id else None
+            for r in sendable
+            if r.protection == _SMIME
+        }
         sealed: dict[str, bytes] = {}
         for address, certificate in on_file.items():  # each copy only its recipient opens
             try:

@@ -341,7 +341,13 @@ class Intake:
         if claimed:
             size = message.writer.size
             handed = ClaimedMessage(
-                message_id, mail_from, now, claimed, username=sender.username, size=size
+                message_id,
+                mail_from,
+                now,
+                claimed,
+                username=sender.username,
+                size=size,
+                content=message.writer.content(),
             )
         # Anything not handed over (held recipients, reports) is for the stages to find.
         return bool(kept), handed, bool(reports) or len(claimed) < len(kept)

@@ -2,10 +2,15 @@
 
 The SMTP hooks and ``cgw check`` ask the same gate, so what staff are told
 before sending is what the gateway does when they send.
+
+The event loop asks through the ``*_async`` methods: on SQLite, with the
+facts in memory and the registry unchanged, they decide on the loop itself
+(a few microseconds); otherwise they read the registry in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -13,7 +18,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 
 from consent_registry.addresses import Address, AddressError, parse_address
-from consent_registry.facts_cache import CachedRegistry, FactsCache
+from consent_registry.facts_cache import CachedRegistry, CacheMiss, FactsCache, GenerationProbe
 from policies.decision import Decision, Outcome, Reason
 from policies.engine import decide_exposure, decide_recipient
 from policies.facts import PolicySettings, SenderFacts
@@ -34,6 +39,7 @@ class PolicyGate:
         self.settings = settings
         self.clock = clock
         self.cache = cache or FactsCache()
+        self._probe = GenerationProbe.for_engine(engine)
 
     @contextlib.contextmanager
     def registry(self) -> Iterator[CachedRegistry]:
@@ -41,10 +47,31 @@ class PolicyGate:
         with self.engine.connect() as connection:
             yield self.cache.on(connection)
 
+    def in_memory(self) -> CachedRegistry | None:
+        """The registry from memory alone, if it has not moved since the facts
+        were read (SQLite: one row read on the caller's thread); None otherwise.
+        Its lookups raise ``CacheMiss`` for facts not in memory."""
+        generation = self._probe.read() if self._probe is not None else None
+        return None if generation is None else self.cache.in_memory(generation)
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+
     def decide(self, sender: SenderFacts, addresses: Sequence[Address]) -> list[Decision]:
         """One decision per address, from one read of the registry (blocking)."""
         with self.registry() as registry:
             return self._decide(registry, sender, addresses)
+
+    async def decide_async(
+        self, sender: SenderFacts, addresses: Sequence[Address]
+    ) -> list[Decision]:
+        """``decide`` for the event loop: from memory when it can, else in a thread."""
+        registry = self.in_memory()
+        if registry is not None:
+            with contextlib.suppress(CacheMiss):
+                return self._decide(registry, sender, addresses)
+        return await asyncio.to_thread(self.decide, sender, addresses)
 
     def _decide(
         self, registry: CachedRegistry, sender: SenderFacts, addresses: Sequence[Address]
@@ -80,13 +107,31 @@ class PolicyGate:
         """The header rule for the addresses shown in To and Cc (blocking)."""
         if not recipient_patients:
             return None
+        with self.registry() as registry:
+            return self._exposure(registry, recipient_patients, shown)
+
+    async def exposure_async(
+        self, recipient_patients: frozenset[int], shown: Sequence[str]
+    ) -> Decision | None:
+        """``exposure`` for the event loop: from memory when it can, else in a thread."""
+        if not recipient_patients:
+            return None
+        registry = self.in_memory()
+        if registry is not None:
+            with contextlib.suppress(CacheMiss):
+                return self._exposure(registry, recipient_patients, shown)
+        return await asyncio.to_thread(self.exposure, recipient_patients, shown)
+
+    @staticmethod
+    def _exposure(
+        registry: CachedRegistry, recipient_patients: frozenset[int], shown: Sequence[str]
+    ) -> Decision | None:
         parsed = []
         for text in shown:
             try:
                 parsed.append(parse_address(text))
             except AddressError:
                 continue
-        with self.registry() as registry:
-            facts = registry.recipient_facts(parsed)
+        facts = registry.recipient_facts(parsed)
         shown_patients = frozenset(f.patient.patient_id for f in facts if f.patient is not None)
         return decide_exposure(recipient_patients, shown_patients)

@@ -18,7 +18,7 @@ import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, Update, bindparam, case, exists, func, insert, update
@@ -193,6 +193,9 @@ class ClaimedMessage:
     is_bounce: bool = False
     username: str | None = None
     size: int = 0  # octets as stored (what delivering it will hold in memory)
+    # The plaintext, when intake hands a small message over in memory (the
+    # spooled copy is the same octets, sealed); None: delivery loads it.
+    content: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

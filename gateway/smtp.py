@@ -396,7 +396,7 @@ class SubmissionHandler:
         if parsed is None:
             return refusal
         sender = _sender(session)
-        (decision,) = await asyncio.to_thread(self.gate.decide, sender, [parsed])
+        (decision,) = await self.gate.decide_async(sender, [parsed])
         if decision.outcome is Outcome.DENY:
             await self.intake.record_refusal(sender, parsed.written, decision)
             if not self.bounce_denials:
@@ -461,7 +461,7 @@ class SubmissionHandler:
             for d in decisions.values()
             if d.patient_id is not None and d.outcome is not Outcome.DENY
         )
-        exposure = await asyncio.to_thread(self.gate.exposure, patients, shown_addresses(fields))
+        exposure = await self.gate.exposure_async(patients, shown_addresses(fields))
         if exposure is None:
             return decisions
         for address, decision in decisions.items():

@@ -320,6 +320,9 @@ class SpoolWriter:
 
     Only sealed bytes touch the disk. The file stays in ``tmp`` (which
     ``recover`` cleans) until ``Spool.adopt`` makes it part of the spool.
+    While in memory the plaintext is kept too (``content``): intake hands
+    it to delivery with the message, which then need not read and open the
+    copy it just stored.
     """
 
     def __init__(self, message_id: str, path: Path, sealer: Sealer, inline_limit: int) -> None:
@@ -329,6 +332,7 @@ class SpoolWriter:
         self._sealer = sealer
         self._inline_limit = inline_limit
         self._held: list[bytes] | None = []  # sealed pieces, until there is a file
+        self._plain: list[bytes] | None = []  # the same in plaintext, while in memory
         self._fd: int | None = None
         self._created = False
         self._closed = False
@@ -341,6 +345,8 @@ class SpoolWriter:
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
+        if self._plain is not None:
+            self._plain.append(data)
         self._put(self._sealer.update(data))
 
     def close(self, sync: bool) -> None:
@@ -364,9 +370,16 @@ class SpoolWriter:
         assert self._closed and self._held is not None, "only a closed in-memory message"
         return b"".join(self._held)
 
+    def content(self) -> bytes | None:
+        """The plaintext of a closed message kept in memory; None for one in a file."""
+        if not self._closed or self._plain is None:
+            return None
+        return b"".join(self._plain)
+
     def discard(self) -> None:
         """Nothing of the message is left (safe to call more than once)."""
         self._held = [] if self._held is not None else None
+        self._plain = [] if self._plain is not None else None
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
@@ -388,6 +401,7 @@ class SpoolWriter:
             raise _spool_error(exc) from exc
         self._created = True
         held, self._held = self._held or [], None
+        self._plain = None
         for piece in held:
             self._write(piece)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,7 +11,9 @@ from sqlalchemy import Engine, event, text
 from sqlmodel import select
 
 from consent_registry import certificates
+from consent_registry.addresses import parse_address
 from consent_registry.db import make_engine
+from consent_registry.facts_cache import CacheMiss
 from consent_registry.models import RecipientCertificate
 from gateway.app import initialise
 from gateway.policy_gate import PolicyGate
@@ -124,3 +127,42 @@ def test_a_certificate_is_parsed_once_and_forgotten_when_removed(
         session.execute(text("DELETE FROM recipient_certificate"))
     with gate.registry() as registry:
         assert registry.certificate(certificate_id) is None
+
+
+def test_the_event_loop_decides_from_memory_and_sees_every_change_at_once(
+    practice: Practice, engine: Engine
+) -> None:
+    """On SQLite ``decide_async`` on a warm cache runs no statement through the
+    engine (and takes no thread); a change made elsewhere is seen by the very
+    next decision. PostgreSQL always reads in a thread (a network round trip)."""
+    create_user(practice.settings, "drsmith", [SENDER])
+    practice.patient("Pat Jones", PATIENT, "MRN-1")
+    practice.relate("MRN-1", "drsmith")
+    consent_id = practice.consent("MRN-1", PATIENT, delivery="tls")
+    gate = PolicyGate(engine, practice.settings.policy())
+    with gate.registry() as registry:
+        found = registry.login_record("drsmith")
+    assert found is not None
+    sender, patient = found.sender, parse_address(PATIENT)
+
+    async def decide() -> Outcome:
+        (decision,) = await gate.decide_async(sender, [patient])
+        return decision.outcome
+
+    assert asyncio.run(decide()) is Outcome.ALLOW  # a miss: read in a thread
+    statements = _statements(engine)
+    assert asyncio.run(decide()) is Outcome.ALLOW
+    if engine.dialect.name != "sqlite":
+        assert gate.in_memory() is None
+        assert len(statements) == 1 and "registry_generation" in statements[0], statements
+        return
+    assert statements == []  # from memory alone
+
+    practice.revoke(consent_id)
+    assert asyncio.run(decide()) is not Outcome.ALLOW
+    assert statements, "the facts were read again after the revocation"
+    registry = gate.in_memory()
+    assert registry is not None
+    with pytest.raises(CacheMiss):
+        registry.recipient_facts([parse_address("nobody@example.org")])
+    gate.close()

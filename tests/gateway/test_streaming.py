@@ -84,7 +84,11 @@ def _stored(message: IncomingMessage, spool: FileSpool) -> bytes:
     assert batch.stored == (["M1"] if in_a_file else [])
     assert [mid for mid, _ in batch.inline] == ([] if in_a_file else ["M1"])
     assert [p.stem for p in spool.directory.glob("*.msg")] == batch.stored  # no file if inline
-    return spool.load("M1")
+    loaded = spool.load("M1")
+    # What intake hands to delivery in memory is what the spool holds, for
+    # inline messages; one in a file is loaded from it.
+    assert message.writer.content() == (None if in_a_file else loaded)
+    return loaded
 
 
 BODY = b"".join(b"line %06d of the body\r\n" % n for n in range(20_000))  # 480 kB
