@@ -131,16 +131,14 @@ def _serve_writes(config: Settings, fds: Sequence[int]) -> None:
     """The writer process of several workers (``WriterProcess``): commit what
     they send until the last of them closes its connection."""
     from consent_registry.db import make_engine
-    from consent_registry.writes import GroupCommit, serve_writes
+    from consent_registry.writes import serve_writes
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # it ends after the workers
         signal.signal(signum, signal.SIG_IGN)
     engine = make_engine(config.database_url)
-    writes = GroupCommit(engine)
     try:
-        serve_writes(writes, [socket.socket(fileno=fd) for fd in fds])
+        serve_writes(engine, [socket.socket(fileno=fd) for fd in fds])
     finally:
-        writes.close()
         engine.dispose()
 
 

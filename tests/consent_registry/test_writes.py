@@ -168,8 +168,7 @@ class Insert:
 def _writer_service(engine: Engine, count: int) -> Iterator[list[RemoteWrites]]:
     """``serve_writes`` in a thread, as the writer process runs it, with ``count`` clients."""
     pairs = [socket.socketpair() for _ in range(count)]
-    writes = GroupCommit(engine)
-    service = threading.Thread(target=serve_writes, args=(writes, [p[1] for p in pairs]))
+    service = threading.Thread(target=serve_writes, args=(engine, [p[1] for p in pairs]))
     service.start()
     clients = [RemoteWrites(p[0]) for p in pairs]
     try:
@@ -179,7 +178,6 @@ def _writer_service(engine: Engine, count: int) -> Iterator[list[RemoteWrites]]:
             client.close()
         service.join(30)
         assert not service.is_alive(), "serve_writes did not end when its clients closed"
-        writes.close()
 
 
 def test_remote_writes_from_two_processes_commit_and_answer_each(engine: Engine) -> None:
