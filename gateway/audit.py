@@ -27,6 +27,7 @@ from sqlalchemy import select as select_columns
 from sqlalchemy.event import listens_for
 from sqlmodel import Session, col, select
 
+from consent_registry.driver_statements import DriverStatement
 from consent_registry.models import AuditEvent, AuditHead
 from gateway.crypto_at_rest import load_or_create_secret
 from gateway.headers import storable
@@ -245,20 +246,21 @@ def _gap(first: int, last: int) -> str:
 
 
 _CHAIN = "cgw.audit_chain"  # session.info: the ``_Chain`` of the transaction under way
+# Run in every transaction that records: on the driver's cursor.
 # SQLite: a write takes the database's write lock until commit.
-_LOCK_HEAD_SQLITE = (
+_LOCK_HEAD_SQLITE = DriverStatement(
     update(AuditHead)
     .where(col(AuditHead.id) == 1)
     .values(seq=AuditHead.seq)
     .returning(col(AuditHead.seq), col(AuditHead.hash))
 )
-_LOCK_HEAD = (
+_LOCK_HEAD = DriverStatement(
     select_columns(col(AuditHead.seq), col(AuditHead.hash))
     .where(col(AuditHead.id) == 1)
     .with_for_update()
 )
-_APPEND = insert(AuditEvent)
-_MOVE_HEAD = (
+_APPEND = DriverStatement(insert(AuditEvent))
+_MOVE_HEAD = DriverStatement(
     update(AuditHead)
     .where(col(AuditHead.id) == 1)
     .values(seq=bindparam("head_seq"), hash=bindparam("head_hash"), mac=bindparam("head_mac"))
@@ -288,7 +290,7 @@ def _chain_of(session: Session) -> _Chain:
         return cast(_Chain, chain)
     connection = session.connection()
     sqlite = connection.dialect.name == "sqlite"
-    seq, hash_ = connection.execute(_LOCK_HEAD_SQLITE if sqlite else _LOCK_HEAD).one()
+    ((seq, hash_),) = (_LOCK_HEAD_SQLITE if sqlite else _LOCK_HEAD).fetch(connection, [{}])
     # Asked again: before ``connection()`` began it, there may have been no transaction.
     chain = session.info[_CHAIN] = _Chain(session.get_transaction(), int(seq), hash_)
     return chain
@@ -301,9 +303,9 @@ def _write_chain(session: Session) -> None:
     if chain is None or chain.transaction is not session.get_transaction() or not chain.rows:
         return
     connection = session.connection()
-    connection.execute(_APPEND, chain.rows)
-    connection.execute(
-        _MOVE_HEAD, {"head_seq": chain.seq, "head_hash": chain.hash, "head_mac": chain.mac}
+    _APPEND.run_many(connection, chain.rows)
+    _MOVE_HEAD.run(
+        connection, {"head_seq": chain.seq, "head_hash": chain.hash, "head_mac": chain.mac}
     )
     chain.rows = []
 

@@ -21,11 +21,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, Update, bindparam, case, exists, func, insert, update
+from sqlalchemy import Connection, Engine, bindparam, case, exists, func, insert, or_, update
 from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
 
 from consent_registry.db import session_scope
+from consent_registry.driver_statements import DriverStatement
 from consent_registry.models import QueueMessage, QueueRecipient
 from consent_registry.writes import DirectWrites, Writes
 from gateway.audit import AuditAction, AuditEntry, AuditLog
@@ -87,13 +88,12 @@ _CLAIMED_MESSAGES = select_columns(
     col(QueueMessage.username),
     col(QueueMessage.size),
 ).where(col(QueueMessage.id).in_(bindparam("ids", expanding=True)))
-# Built once: building a statement cost about as much as running it.
-_INSERT_MESSAGE = insert(QueueMessage)
-_INSERT_RECIPIENTS = insert(QueueRecipient)
-# Queueing recipients already claimed: their ids, in the order given.
-_INSERT_RETURNING_IDS = insert(QueueRecipient).returning(
-    col(QueueRecipient.id), sort_by_parameter_order=True
-)
+# Built once: building a statement cost about as much as running it. Those
+# the writer runs for every message run on the driver's cursor.
+_INSERT_MESSAGE = DriverStatement(insert(QueueMessage))
+_INSERT_RECIPIENTS = DriverStatement(insert(QueueRecipient))
+# Queueing recipients already claimed: their ids.
+_INSERT_RETURNING_IDS = DriverStatement(insert(QueueRecipient).returning(col(QueueRecipient.id)))
 _NEXT_DUE = select_columns(
     func.min(
         case(
@@ -106,28 +106,29 @@ _NEXT_DUE = select_columns(
     )
 ).where(col(QueueRecipient.state).in_(DUE_STATES))
 # Closing a message whose last recipient is settled.
-_LOCK_MESSAGE = (
+_LOCK_MESSAGE = DriverStatement(
     select_columns(col(QueueMessage.id))
     .where(col(QueueMessage.id) == bindparam("id"))
     .with_for_update()
 )
-_CLOSE = (
+_CLOSE = DriverStatement(
     update(QueueMessage)
     .where(col(QueueMessage.id) == bindparam("message_id"))
     .where(
         ~exists()
         .where(col(QueueRecipient.message_id) == bindparam("message_id"))
-        .where(col(QueueRecipient.state).in_(OPEN_STATES))
+        # One comparison per state, not IN: a driver statement takes no expanding list.
+        .where(or_(*(col(QueueRecipient.state) == state for state in OPEN_STATES)))
     )
     .values(done_at=bindparam("now"))
 )
 
 
 @functools.cache
-def _settling(columns: frozenset[str]) -> Update:
+def _settling(columns: frozenset[str]) -> DriverStatement:
     """The UPDATE that settles one recipient, for the columns a verdict sets
     (one per kind of verdict, built once: building it cost more than running it)."""
-    return (
+    return DriverStatement(
         update(QueueRecipient)
         .where(col(QueueRecipient.id) == bindparam("row_id"))
         .values({name: bindparam(f"new_{name}") for name in sorted(columns)})
@@ -299,18 +300,16 @@ class QueueStore:
         the claim lapses like any other.
         """
         connection = session.connection()
-        connection.execute(
-            _INSERT_MESSAGE,
-            [
-                {
-                    "id": message_id,
-                    "mail_from": mail_from,
-                    "username": username,
-                    "size": size,
-                    "received_at": now,
-                    "is_bounce": is_bounce,
-                }
-            ],
+        _INSERT_MESSAGE.run(
+            connection,
+            {
+                "id": message_id,
+                "mail_from": mail_from,
+                "username": username,
+                "size": size,
+                "received_at": now,
+                "is_bounce": is_bounce,
+            },
         )
         rows = [
             {
@@ -333,9 +332,9 @@ class QueueStore:
             for rcpt in recipients
         ]
         if claim is None:
-            connection.execute(_INSERT_RECIPIENTS, rows)
+            _INSERT_RECIPIENTS.run_many(connection, rows)
             return ()
-        ids = [int(row.id) for row in connection.execute(_INSERT_RETURNING_IDS, rows)]
+        ids = [int(row_id) for (row_id,) in _INSERT_RETURNING_IDS.fetch(connection, rows)]
         return tuple(
             ClaimedRecipient(
                 row_id,
@@ -399,11 +398,11 @@ class QueueStore:
         session.flush()  # recipients the caller changed through the ORM count as changed
         connection = session.connection()
         if connection.dialect.name == "postgresql":  # SQLite's writers take turns anyway
-            connection.execute(_LOCK_MESSAGE, {"id": message_id})
-        closed = connection.execute(_CLOSE, {"message_id": message_id, "now": now})
-        if closed.rowcount:
+            _LOCK_MESSAGE.fetch(connection, [{"id": message_id}])
+        closed = _CLOSE.run(connection, {"message_id": message_id, "now": now})
+        if closed:
             forget_inline(session, message_id)  # a file copy goes after the commit
-        return bool(closed.rowcount)
+        return bool(closed)
 
     @staticmethod
     def apply(
@@ -440,8 +439,8 @@ class QueueStore:
         else:
             values["state"] = RecipientState.FAILED.value
             action = AuditAction.MESSAGE_FAILED
-        connection.execute(
-            _settling(frozenset(values)),
+        _settling(frozenset(values)).run(
+            connection,
             {"row_id": row_id, **{f"new_{name}": value for name, value in values.items()}},
         )
         return action

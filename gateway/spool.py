@@ -42,6 +42,7 @@ from sqlalchemy import select as select_columns
 from sqlmodel import Session, col, select
 
 from consent_registry.db import session_scope
+from consent_registry.driver_statements import DriverStatement
 from consent_registry.models import SpooledMessage
 from gateway.crypto_at_rest import Sealer, StorageKey
 from gateway.settings import Settings
@@ -61,20 +62,21 @@ InlineCopy = tuple[str, bytes]
 _SEALED = select_columns(col(SpooledMessage.sealed)).where(
     col(SpooledMessage.id) == bindparam("id")
 )
-_INSERT_INLINE = insert(SpooledMessage)
-_FORGET = delete(SpooledMessage).where(col(SpooledMessage.id) == bindparam("id"))
+# Run for every small message: on the driver's cursor.
+_INSERT_INLINE = DriverStatement(insert(SpooledMessage))
+_FORGET = DriverStatement(delete(SpooledMessage).where(col(SpooledMessage.id) == bindparam("id")))
 
 
 def store_inline(session: Session, copies: Iterable[InlineCopy], now: datetime) -> None:
     """The inline copies of a batch, in the caller's (queue) transaction."""
     rows = [{"id": mid, "sealed": sealed, "stored_at": now} for mid, sealed in copies]
     if rows:
-        session.connection().execute(_INSERT_INLINE, rows)
+        _INSERT_INLINE.run_many(session.connection(), rows)
 
 
 def forget_inline(session: Session, message_id: str) -> None:
     """Remove a complete message's inline copy, in the transaction that completes it."""
-    session.connection().execute(_FORGET, {"id": message_id})
+    _FORGET.run(session.connection(), {"id": message_id})
 
 
 def storage_full(exc: BaseException) -> bool:
