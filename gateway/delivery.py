@@ -150,22 +150,38 @@ class DeliveryWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
 
+    def _claimable(self) -> int:
+        """How many slots a claim may take now: the free ones, less a quarter of
+        them all while anything is in delivery or being queued.
+
+        The quarter is left for hand-overs. A claim holds its slots until its
+        transaction returns; with every free slot held, each message arriving
+        meanwhile found none, was queued unclaimed, and so called for the next
+        claim: under steady intake a quarter of the messages went through a
+        claim and a spool read instead of the hand-over (4 KB, 10 clients).
+        When the worker is idle, a claim takes every slot.
+        """
+        free = self._free()
+        if self._in_flight or self._reserved:
+            free -= self.concurrency // 4
+        return free
+
     async def _round(self) -> None:
         """Claim what is due and start delivering it, or sleep until there is work."""
         self._wake.clear()
-        free = self._free()
+        limit = self._claimable()
         claimed: list[ClaimedMessage] = []
-        if free > 0 and self._more_due:
-            self._reserved += free  # a hand-over meanwhile must not take these slots too
+        if limit > 0 and self._more_due:
+            self._reserved += limit  # a hand-over meanwhile must not take these slots too
             self._more_due = False  # a wake during the claim sets it again
             try:
-                claimed = await asyncio.to_thread(self.queue.claim_due, self.clock(), free)
+                claimed = await asyncio.to_thread(self.queue.claim_due, self.clock(), limit)
             except BaseException:
                 self._more_due = True
                 raise
             finally:
-                self._reserved -= free
-            if len(claimed) >= free:  # a full claim: more may be due
+                self._reserved -= limit
+            if len(claimed) >= limit:  # a full claim: more may be due
                 self._more_due = True
             for message in claimed:
                 self._start(message)

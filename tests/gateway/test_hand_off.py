@@ -206,3 +206,18 @@ def test_a_session_that_ends_while_its_message_is_stored_still_hands_it_over(
         (row,) = session.exec(select(QueueRecipient)).all()
     assert (handed.message_id, [r.row_id for r in handed.recipients]) == (row.message_id, [row.id])
     assert row.claimed_by == "this-instance"
+
+
+def test_a_claim_leaves_slots_for_hand_overs_while_mail_flows(queue: QueueStore) -> None:
+    worker = DeliveryWorker(queue, None, None, None, None, None, None, concurrency=8)  # type: ignore[arg-type]
+
+    async def scenario() -> list[int]:
+        idle = worker._claimable()  # nothing in delivery: a claim may take every slot
+        worker.reserve(NOW)  # a message being queued: a quarter stays for the next ones
+        flowing = worker._claimable()
+        claim = worker._claimable()
+        worker._reserved += claim  # as a claim holds its slots ...
+        left = [worker.reserve(NOW) is not None for _ in range(3)]  # ... hand-overs still get some
+        return [idle, flowing, sum(left)]
+
+    assert asyncio.run(scenario()) == [8, 5, 2]
