@@ -16,7 +16,8 @@ SQLAlchemy's (``DBAPIError.instance``, the driver's error kept as ``orig``),
 so callers see one kind of error whichever way a statement ran.
 
 Only for statements whose parameters are plain values: no expanding IN
-lists, no SQL-side defaults to fetch back.
+lists, no column defaults but scalar ones on INSERT (none on UPDATE), no
+SQL-side defaults to fetch back. The others are refused when compiled.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class DriverStatement:
         compiled: Any = self.statement.compile(dialect=dialect, column_keys=list(keys))
         if "POSTCOMPILE" in compiled.string:
             raise TypeError("a driver statement takes no expanding parameters")
+        if getattr(compiled, "update_prefetch", ()):
+            raise TypeError("a driver statement takes no onupdate defaults")
         defaults: dict[str, object] = {}
         for column in getattr(compiled, "insert_prefetch", ()):
             default = column.default

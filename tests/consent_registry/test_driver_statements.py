@@ -126,5 +126,13 @@ def test_driver_errors_are_sqlalchemys(engine: Engine) -> None:
 
 def test_refuses_statements_it_cannot_run_faithfully() -> None:
     engine = make_engine("sqlite://")
+    stamped = Table(
+        "driver_stamped",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("at", DateTime, onupdate=lambda: datetime.now(UTC)),
+    )
+    with engine.connect() as connection, pytest.raises(TypeError, match="onupdate"):
+        DriverStatement(update(stamped).values(id=1)).run(connection, {})
     with engine.connect() as connection, pytest.raises(TypeError, match="expanding"):
         DriverStatement(delete(things).where(things.c.id.in_([1, 2]))).run(connection, {})
