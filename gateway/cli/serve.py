@@ -6,8 +6,8 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -104,13 +104,13 @@ def serve(
             _serve_writes(config, [int(fd) for fd in writes_fds.split(",")])
         elif worker is None:
             options = ["--log-level", log_level, "--log-format", log_format]
-            asyncio.run(_serve(config, log_format, options))
+            _run(_serve(config, log_format, options))
         else:
             if lifeline_fd is None:
                 raise CliError("--worker needs --ports and --lifeline-fd")
             bound = [int(port) for port in ports.split(",") if port]
             named = config.model_copy(update={"instance_name": f"{config.instance_name}.{worker}"})
-            asyncio.run(_serve_as_worker(named, bound, lifeline_fd, writes_fd))
+            _run(_serve_as_worker(named, bound, lifeline_fd, writes_fd))
     except WorkerFailed as exc:
         raise CliError(f"stopped: {exc}") from None
     except OSError as exc:
@@ -119,6 +119,23 @@ def serve(
         raise CliError(f"cannot start: database error: {exc}") from None
     except ValueError as exc:  # e.g. an S/MIME key file that does not load
         raise CliError(f"cannot start: {exc}") from None
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``cgw serve`` on uvloop where it is installed (not on Windows).
+
+    Its event loop and transports in C cut the workers' CPU per message by
+    about a sixth (bench, 4 KB S/MIME mail at concurrency 10): the loop's own
+    bookkeeping, socket writes and outbound TLS were a third of a worker's
+    time on asyncio's loop. The program is the same on either loop.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
