@@ -18,7 +18,7 @@ import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, bindparam, case, exists, func, insert, or_, update
@@ -384,7 +384,9 @@ class QueueStore:
         like the transaction itself, it must pickle (see ``ClaimDue``).
         """
         assert self.audit is not None, "a delivering queue writes the audit log"
-        return self.writes.submit(FinishDelivery(self.audit, claimed, results, now, retry, within))
+        # The transaction needs the rows, not the message: no copy of it to the writer.
+        rows = replace(claimed, content=None)
+        return self.writes.submit(FinishDelivery(self.audit, rows, results, now, retry, within))
 
     @staticmethod
     def close_if_complete(session: Session, message_id: str, now: datetime) -> bool:

@@ -215,3 +215,28 @@ def test_a_writer_that_is_gone_fails_what_waits_and_what_follows(engine: Engine)
     finally:
         client.close()
     assert _stored(engine) == []
+
+
+@dataclass(frozen=True)
+class InsertWithPayload(Insert):
+    """A request larger than one read of the writer (an inline-spooled message is up to 64 kB)."""
+
+    payload: bytes = b""
+
+
+def test_requests_split_over_reads_or_sharing_one_arrive_whole(engine: Engine) -> None:
+    """The writer reads up to 1 MiB at a time: a frame may end in a later read,
+    and one read may hold several frames and the start of the next."""
+    ours, theirs = socket.socketpair()
+    service = threading.Thread(target=serve_writes, args=(engine, [theirs]))
+    service.start()
+    client = RemoteWrites(ours)
+    try:
+        big = InsertWithPayload(1, b"x" * (3 << 20))  # three reads at least
+        small = [Insert(n) for n in range(2, 6)]
+        futures = [client.submit(big)] + [client.submit(w) for w in small]
+        assert [f.result(30) for f in futures] == [10, 20, 30, 40, 50]
+    finally:
+        client.close()
+        service.join(30)
+    assert _stored(engine) == [1, 2, 3, 4, 5]
