@@ -13,7 +13,7 @@ import logging
 import socket
 import ssl
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from gateway.reports import Reports
 from gateway.settings import ListenAddress, Settings
 from gateway.smtp import ConnectionLimiter, SubmissionHandler, SubmissionProtocol
 from gateway.spool import FileSpool, Spool, open_spool
+from gateway.spread import ConnectionSpread, HandedConnections, Serve
 from gateway.tls import (
     client_context,
     create_dev_certificate,
@@ -122,6 +123,45 @@ def build_relay(settings: Settings) -> Relay:
     )
 
 
+class _Once:
+    """Calls ``ended`` the first time it is called: a connection ends once,
+    whether its session or its handshake ended it."""
+
+    def __init__(self, ended: Callable[[], None]) -> None:
+        self._ended: Callable[[], None] | None = ended
+
+    def __call__(self) -> None:
+        if self._ended is not None:
+            ended, self._ended = self._ended, None
+            ended()
+
+
+def bind_listeners(address: ListenAddress, backlog: int = 100) -> list[socket.socket]:
+    """Listening sockets on every address ``address.host`` names, as asyncio's
+    ``create_server`` opens them (SO_REUSEADDR; IPv6 sockets IPv6 only)."""
+    infos = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, where in dict.fromkeys(infos):
+            listener = socket.socket(family, kind, proto)
+            listeners.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                listener.bind(where)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+            listener.listen(backlog)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
 @dataclass(frozen=True)
 class Listener:
     label: str
@@ -134,18 +174,22 @@ class Gateway:
     def __init__(
         self,
         settings: Settings,
-        ports: Sequence[int] = (),
         writes: socket.socket | None = None,
+        handed: socket.socket | None = None,
     ) -> None:
-        """``ports``: the ports the first process bound (``gateway.workers``), in
-        the order this gateway listens, for the ``:0`` (any port) of settings.
-        ``writes``: a connection to the workers' writer process, which then
-        commits this gateway's transactions (``consent_registry.writes``)."""
+        """``writes``: a connection to the workers' writer process, which then
+        commits this gateway's transactions (``consent_registry.writes``).
+        ``handed``: in a worker, the first process's connection that hands it
+        SMTP connections (``gateway.spread``); without it, this gateway listens."""
         self.settings = settings
-        self.ports = list(ports)
         self._writes_connection = writes
+        self._handed_connection = handed
         self.listeners: list[Listener] = []
-        self._servers: list[asyncio.Server] = []
+        # The first process's listeners, which workers join (``add_worker``).
+        self.spread: ConnectionSpread | None = None
+        self._handed: HandedConnections | None = None
+        self._serves: list[Serve] = []
+        self._connecting: set[asyncio.Task[object]] = set()
         self._limiters: list[ConnectionLimiter] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._engine: Engine | None = None
@@ -213,11 +257,13 @@ class Gateway:
         )
         cert, key_file = tls_files(settings)
         tls = server_context(cert, key_file)
-        await self._listen("submission (STARTTLS)", settings.submission_listen, handler, tls, False)
+        if self._handed_connection is None:
+            self.spread = ConnectionSpread()
+        self._listen("submission (STARTTLS)", settings.submission_listen, handler, tls, False)
         if settings.smtps_listen is not None:
-            await self._listen(
-                "submission (implicit TLS)", settings.smtps_listen, handler, tls, True
-            )
+            self._listen("submission (implicit TLS)", settings.smtps_listen, handler, tls, True)
+        if self._handed_connection is not None:
+            self._handed = HandedConnections(self._handed_connection, self._serves)
         self._tasks = [
             asyncio.create_task(self.worker.run()),
             asyncio.create_task(self.sweep.run()),
@@ -237,7 +283,7 @@ class Gateway:
         if dropped:
             log.info("removed %d spool files that were never acknowledged", len(dropped))
 
-    async def _listen(
+    def _listen(
         self,
         label: str,
         address: ListenAddress,
@@ -245,53 +291,72 @@ class Gateway:
         tls: ssl.SSLContext,
         implicit: bool,
     ) -> None:
+        """Serve ``address``: bind it (the first process) or serve what the first
+        process hands over for it (a worker)."""
         settings = self.settings
         limiter = ConnectionLimiter(settings.max_connections_per_client)
         self._limiters.append(limiter)
         loop = asyncio.get_running_loop()
 
-        def protocol() -> SubmissionProtocol:
+        def protocol(ended: Callable[[], None]) -> SubmissionProtocol:
             # The implicit-TLS listener offers AUTH without STARTTLS because the
             # whole connection is TLS already; aiosmtpd warns about that setting
             # on every connection, which is noise here.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
-                return _protocol()
+                return SubmissionProtocol(
+                    handler,
+                    limiter=limiter,
+                    session_timeout=settings.smtp_session_timeout.total_seconds(),
+                    ended=ended,
+                    data_size_limit=settings.max_message_size,
+                    enable_SMTPUTF8=True,
+                    hostname=settings.hostname,
+                    ident="Consent Gateway ESMTP",
+                    tls_context=None if implicit else tls,
+                    timeout=settings.smtp_idle_timeout.total_seconds(),
+                    auth_required=True,
+                    auth_require_tls=not implicit,
+                    loop=loop,
+                )
 
-        def _protocol() -> SubmissionProtocol:
-            return SubmissionProtocol(
-                handler,
-                limiter=limiter,
-                session_timeout=settings.smtp_session_timeout.total_seconds(),
-                data_size_limit=settings.max_message_size,
-                enable_SMTPUTF8=True,
-                hostname=settings.hostname,
-                ident="Consent Gateway ESMTP",
-                tls_context=None if implicit else tls,
-                timeout=settings.smtp_idle_timeout.total_seconds(),
-                auth_required=True,
-                auth_require_tls=not implicit,
-                loop=loop,
+        def serve(connection: socket.socket, ended: Callable[[], None]) -> None:
+            once = _Once(ended)
+            # On the implicit-TLS port a session (its cap, its idle timer) begins
+            # after the handshake: a client that never starts one is dropped after
+            # the idle timeout, not held for asyncio's default minute.
+            connecting = loop.create_task(
+                loop.connect_accepted_socket(
+                    lambda: protocol(once),
+                    connection,
+                    ssl=tls if implicit else None,
+                    ssl_handshake_timeout=(
+                        settings.smtp_idle_timeout.total_seconds() if implicit else None
+                    ),
+                )
             )
+            self._connecting.add(connecting)
+            connecting.add_done_callback(lambda task: self._connected(task, connection, once))
 
-        # On the implicit-TLS port a session (its cap, its idle timer) begins
-        # after the handshake: a client that never starts one is dropped after
-        # the idle timeout, not held for asyncio's default minute.
-        # Several workers each bind the port with SO_REUSEPORT: the kernel
-        # spreads connections over them evenly. (One socket shared by all
-        # would hand a burst of connections to whichever process woke first.)
-        server = await loop.create_server(
-            protocol,
-            address.host,
-            self.ports.pop(0) if self.ports else address.port,
-            ssl=tls if implicit else None,
-            reuse_address=True,
-            reuse_port=settings.workers > 1,
-            ssl_handshake_timeout=settings.smtp_idle_timeout.total_seconds() if implicit else None,
-        )
-        self._servers.append(server)
-        host, port = server.sockets[0].getsockname()[:2]
+        self._serves.append(serve)
+        if self.spread is None:
+            return
+        listeners = bind_listeners(address)
+        for listener in listeners:
+            self.spread.listen(listener, serve)
+        host, port = listeners[0].getsockname()[:2]
         self.listeners.append(Listener(label, ListenAddress(str(host), int(port))))
+
+    def _connected(
+        self, task: asyncio.Task[object], connection: socket.socket, once: _Once
+    ) -> None:
+        """A handshake that failed (implicit TLS) ends the connection before any session."""
+        self._connecting.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.info("a connection ended before its session began: %s", task.exception())
+            connection.close()
+            once()
 
     def wake(self) -> None:
         """A message was queued: the delivery worker (and the retention sweep,
@@ -304,14 +369,16 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let sessions finish their transactions (up to
         ``CGW_SHUTDOWN_GRACE``), then finish the deliveries in flight."""
-        for server in self._servers:
-            server.close()
+        if self.spread is not None:
+            self.spread.close()
+        if self._handed is not None:
+            self._handed.close()
         grace = self.settings.shutdown_grace.total_seconds()
         cut = await asyncio.gather(*(limiter.drain(grace) for limiter in self._limiters))
         if sum(cut):
             log.warning("%d SMTP sessions were cut off after the shutdown grace period", sum(cut))
-        for server in self._servers:
-            await server.wait_closed()
+        for connecting in list(self._connecting):  # handshakes not done: not sessions yet
+            connecting.cancel()
         for stage in (self.worker, self.sweep):
             if stage is not None:
                 stage.stop()

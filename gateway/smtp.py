@@ -17,6 +17,7 @@ import contextlib
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -112,14 +113,17 @@ class SubmissionProtocol(SMTP):
         *,
         limiter: ConnectionLimiter,
         session_timeout: float,
+        ended: Callable[[], None],
         **kwargs: Any,
     ) -> None:
+        """``ended``: called when the connection is gone (``gateway.spread`` counts them)."""
         # aiosmtpd keeps these in one class-level dict that every session's
         # EHLO grows and every new connection clears: each session gets its own.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(handler, **kwargs)
         self._limiter = limiter
         self._session_timeout = session_timeout
+        self._ended = ended
         self._client: str | None = None
         self._rejected = False
         self._deadline: asyncio.TimerHandle | None = None
@@ -172,6 +176,7 @@ class SubmissionProtocol(SMTP):
         )
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._ended()
         if self._rejected:
             return
         self._finished()

@@ -2,9 +2,9 @@
 
 Why: one Python process computes on one core at a time (the GIL), and the
 gateway is CPU-bound (TLS, parsing, S/MIME, SQL). The first process binds
-the ports and starts ``workers - 1`` more, which bind the same ports with
-SO_REUSEPORT; the kernel spreads new connections over them by a hash of
-the client's address and port. Each process is a whole gateway instance (intake, delivery,
+the ports and starts ``workers - 1`` more; it accepts every connection and
+hands each to the process serving the fewest (``gateway.spread``), over a
+socket pair per worker. Each process is a whole gateway instance (intake, delivery,
 retention sweep) under its own instance name (``<name>.2``, ``<name>.3``...),
 and they share the database and the spool as several instances on several
 machines do. On SQLite one more process, the writer (``WriterProcess``),
@@ -34,6 +34,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.spread import ConnectionSpread, connection_pair
+
 log = logging.getLogger(__name__)
 
 # How long a worker may take from its start to serving (it migrates nothing:
@@ -50,6 +52,8 @@ class _Worker:
     index: int
     process: asyncio.subprocess.Process
     lifeline: socket.socket  # this process's end; the worker holds the other
+    connections: socket.socket  # this process's end of the pair that hands it connections
+    joined: bool = False  # ``connections`` belongs to the spread (which closes it) once ready
     # Over ``lifeline`` once it said it is ready: kept, because a stream that
     # is dropped closes its socket, which tells the worker this process is gone.
     stream: asyncio.StreamWriter | None = None
@@ -57,7 +61,7 @@ class _Worker:
 
 def worker_command(
     index: int,
-    ports: Sequence[int],
+    connections_fd: int,
     lifeline_fd: int,
     options: Sequence[str],
     writes_fd: int | None = None,
@@ -69,8 +73,8 @@ def worker_command(
         *_serve_command(options),
         "--worker",
         str(index),
-        "--ports",
-        ",".join(str(port) for port in ports),
+        "--connections-fd",
+        str(connections_fd),
         "--lifeline-fd",
         str(lifeline_fd),
         *writes,
@@ -87,15 +91,17 @@ class Workers:
     def __init__(
         self,
         count: int,
-        ports: Sequence[int],
+        spread: ConnectionSpread,
         options: Sequence[str],
         stop_seconds: float,
         writes: Sequence[socket.socket] = (),
     ) -> None:
-        """``writes``: a connection to the writer process for each worker, if one runs."""
+        """``spread``: the first process's listeners, which each worker joins once
+        it is ready. ``writes``: a connection to the writer process for each
+        worker, if one runs."""
         self.count = count
         self.stop_seconds = stop_seconds  # a worker's own stop: grace, then its stages
-        self.ports = ports
+        self.spread = spread
         self.options = options
         self.writes = list(writes)
         self._workers: list[_Worker] = []
@@ -121,14 +127,15 @@ class Workers:
 
     async def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair()
+        connections, handed = connection_pair()
         # Handed to the worker, and closed here: the writer process ends
         # when every worker's connection is closed.
         writes = self.writes.pop(0) if self.writes else None
-        passed = [theirs] + ([writes] if writes is not None else [])
+        passed = [theirs, handed] + ([writes] if writes is not None else [])
         try:
             command = worker_command(
                 index,
-                self.ports,
+                handed.fileno(),
                 theirs.fileno(),
                 self.options,
                 writes.fileno() if writes is not None else None,
@@ -140,11 +147,12 @@ class Workers:
             )
         except BaseException:
             ours.close()
+            connections.close()
             raise
         finally:
-            for handed in passed:
-                handed.close()
-        return _Worker(index, process, ours)
+            for fd_holder in passed:
+                fd_holder.close()
+        return _Worker(index, process, ours, connections)
 
     async def _ready(self, worker: _Worker) -> None:
         reader, worker.stream = await asyncio.open_connection(sock=worker.lifeline)
@@ -152,6 +160,8 @@ class Workers:
         if line != b"ready\n":
             code = await worker.process.wait()
             raise WorkerFailed(f"worker {worker.index} did not start (exit code {code})")
+        self.spread.add_worker(worker.connections)
+        worker.joined = True
 
     async def exited(self) -> str:
         """Returns (a sentence) when a worker exits: it was not asked to."""
@@ -188,6 +198,8 @@ class Workers:
         if worker.stream is not None:
             worker.stream.close()
         worker.lifeline.close()
+        if not worker.joined:
+            worker.connections.close()
 
 
 class WriterProcess:

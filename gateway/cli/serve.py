@@ -82,7 +82,7 @@ def init() -> None:
 )
 # How the first process starts the others (``gateway.workers``); not for people.
 @click.option("--worker", type=click.IntRange(min=2), hidden=True)
-@click.option("--ports", hidden=True, default="")
+@click.option("--connections-fd", type=int, hidden=True)
 @click.option("--lifeline-fd", type=int, hidden=True)
 @click.option("--writes-fd", type=int, hidden=True)
 @click.option("--writes-fds", default="", hidden=True)
@@ -90,7 +90,7 @@ def serve(
     log_level: str,
     log_format: LogFormat,
     worker: int | None,
-    ports: str,
+    connections_fd: int | None,
     lifeline_fd: int | None,
     writes_fd: int | None,
     writes_fds: str,
@@ -106,11 +106,10 @@ def serve(
             options = ["--log-level", log_level, "--log-format", log_format]
             _run(_serve(config, log_format, options))
         else:
-            if lifeline_fd is None:
-                raise CliError("--worker needs --ports and --lifeline-fd")
-            bound = [int(port) for port in ports.split(",") if port]
+            if lifeline_fd is None or connections_fd is None:
+                raise CliError("--worker needs --connections-fd and --lifeline-fd")
             named = config.model_copy(update={"instance_name": f"{config.instance_name}.{worker}"})
-            _run(_serve_as_worker(named, bound, lifeline_fd, writes_fd))
+            _run(_serve_as_worker(named, connections_fd, lifeline_fd, writes_fd))
     except WorkerFailed as exc:
         raise CliError(f"stopped: {exc}") from None
     except OSError as exc:
@@ -188,9 +187,9 @@ async def _serve(config: Settings, log_format: LogFormat, options: Sequence[str]
         + config.delivery_timeout.total_seconds()
         + 10
     )
-    ports = [listener.address.port for listener in gateway.listeners]
     writes = writer.connections[1:] if writer else []
-    workers = Workers(config.workers, ports, options, stop_seconds, writes)
+    assert gateway.spread is not None, "the first process listens"
+    workers = Workers(config.workers, gateway.spread, options, stop_seconds, writes)
     try:
         await workers.start()
     except BaseException:
@@ -223,14 +222,14 @@ async def _serve(config: Settings, log_format: LogFormat, options: Sequence[str]
 
 
 async def _serve_as_worker(
-    config: Settings, ports: Sequence[int], lifeline: int, writes_fd: int | None
+    config: Settings, connections_fd: int, lifeline: int, writes_fd: int | None
 ) -> None:
-    """One of the other workers: serve on the first process's ports until
-    told to stop, or until the first process is gone."""
+    """One of the other workers: serve the connections the first process hands
+    over until told to stop, or until the first process is gone."""
     from gateway.app import Gateway
 
     writes = socket.socket(fileno=writes_fd) if writes_fd is not None else None
-    gateway = Gateway(config, ports, writes)
+    gateway = Gateway(config, writes, socket.socket(fileno=connections_fd))
     await gateway.start()
     try:
         stop = asyncio.Event()

@@ -1,4 +1,4 @@
-"""``CGW_WORKERS``: several ``cgw serve`` processes on one port, one database.
+"""``CGW_WORKERS``: several ``cgw serve`` processes behind one port, one database.
 
 Each test runs the real command and finds out which process serves a
 connection from /proc (the process holding the server end of the socket).
@@ -103,15 +103,11 @@ def test_both_workers_serve_the_port_and_each_message_is_delivered_once(
     # On SQLite one writer process commits for both (``consent_registry.writes``).
     assert len(writers) == (1 if settings.database_url.startswith("sqlite") else 0)
     pids = [serve.process.pid, worker]
-    served_by: dict[int, smtplib.SMTP] = {}
-    opened = []
-    for _ in range(40):  # the kernel spreads connections by a hash of the client's port
-        client = _logged_in(serve.port, cafile)
-        opened.append(client)
-        served_by.setdefault(_owner(_server_inode(client, serve.port), pids), client)
-        if len(served_by) == 2:
-            break
-    assert sorted(served_by) == sorted(pids), "one process served all 40 connections"
+    # Each new connection goes to the process with the fewest open (``gateway.spread``).
+    opened = [_logged_in(serve.port, cafile) for _ in range(6)]
+    owners = [_owner(_server_inode(client, serve.port), pids) for client in opened]
+    assert sorted(owners) == sorted(pids * 3), "six connections are not three each"
+    served_by = {owner: client for owner, client in zip(owners, opened, strict=True)}
 
     for pid, client in served_by.items():
         assert client.sendmail(SENDER, [f"colleague@{DOMAIN}"], _message(f"from {pid}")) == {}
