@@ -206,7 +206,7 @@ class Gateway:
         self._engine = engine
         writes: GroupCommit | RemoteWrites
         if self._writes_connection is not None:
-            writes = RemoteWrites(self._writes_connection)
+            writes = RemoteWrites(self._writes_connection, asyncio.get_running_loop())
         else:
             writes = GroupCommit(engine)
         self._writes = writes
@@ -391,7 +391,9 @@ class Gateway:
         if self.worker is not None:
             await self.worker.drain()
             await self.worker.close()
-        if self._writes is not None:
+        if isinstance(self._writes, RemoteWrites):
+            await self._writes.close()  # it reads its replies on this loop
+        elif self._writes is not None:
             await asyncio.to_thread(self._writes.close)
         if self._gate is not None:
             self._gate.close()

@@ -3,6 +3,7 @@ and the writer process that commits for several worker processes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import pickle
 import socket
@@ -165,17 +166,33 @@ class Insert:
 
 
 @contextlib.contextmanager
+def _remote_writes(connections: list[socket.socket]) -> Iterator[list[RemoteWrites]]:
+    """A ``RemoteWrites`` per connection, reading its replies on an event loop
+    of its own thread, as a worker's do on the worker's loop; closed at the end."""
+    loop = asyncio.new_event_loop()
+    clients = [RemoteWrites(connection, loop) for connection in connections]
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            asyncio.run_coroutine_threadsafe(client.close(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+
+
+@contextlib.contextmanager
 def _writer_service(engine: Engine, count: int) -> Iterator[list[RemoteWrites]]:
     """``serve_writes`` in a thread, as the writer process runs it, with ``count`` clients."""
     pairs = [socket.socketpair() for _ in range(count)]
     service = threading.Thread(target=serve_writes, args=(engine, [p[1] for p in pairs]))
     service.start()
-    clients = [RemoteWrites(p[0]) for p in pairs]
     try:
-        yield clients
+        with _remote_writes([p[0] for p in pairs]) as clients:
+            yield clients
     finally:
-        for client in clients:
-            client.close()
         service.join(30)
         assert not service.is_alive(), "serve_writes did not end when its clients closed"
 
@@ -204,16 +221,13 @@ def test_work_that_does_not_pickle_fails_at_the_caller_and_nothing_is_sent(
 
 def test_a_writer_that_is_gone_fails_what_waits_and_what_follows(engine: Engine) -> None:
     ours, theirs = socket.socketpair()
-    client = RemoteWrites(ours)
-    try:
+    with _remote_writes([ours]) as (client,):
         waiting = client.submit(Insert(1))
         theirs.close()  # the writer process died before it answered
         with pytest.raises(WriterGone):
             waiting.result(30)
         with pytest.raises(WriterGone):
             client.submit(Insert(2))
-    finally:
-        client.close()
     assert _stored(engine) == []
 
 
@@ -230,13 +244,12 @@ def test_requests_split_over_reads_or_sharing_one_arrive_whole(engine: Engine) -
     ours, theirs = socket.socketpair()
     service = threading.Thread(target=serve_writes, args=(engine, [theirs]))
     service.start()
-    client = RemoteWrites(ours)
     try:
-        big = InsertWithPayload(1, b"x" * (3 << 20))  # three reads at least
-        small = [Insert(n) for n in range(2, 6)]
-        futures = [client.submit(big)] + [client.submit(w) for w in small]
-        assert [f.result(30) for f in futures] == [10, 20, 30, 40, 50]
+        with _remote_writes([ours]) as (client,):
+            big = InsertWithPayload(1, b"x" * (3 << 20))  # three reads at least
+            small = [Insert(n) for n in range(2, 6)]
+            futures = [client.submit(big)] + [client.submit(w) for w in small]
+            assert [f.result(30) for f in futures] == [10, 20, 30, 40, 50]
     finally:
-        client.close()
         service.join(30)
     assert _stored(engine) == [1, 2, 3, 4, 5]
