@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
@@ -165,7 +165,8 @@ class SubmissionProtocol(SMTP):
         client = str(peer[0]) if peer else "unknown"
         if not self._limiter.acquire(client, self):
             self._rejected = True
-            assert isinstance(transport, asyncio.WriteTransport)
+            # uvloop's transports are no subclasses of asyncio's: a cast, not a check.
+            transport = cast(asyncio.WriteTransport, transport)
             transport.write(replies.too_many_connections(self.hostname).encode() + b"\r\n")
             transport.close()
             return

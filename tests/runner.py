@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from gateway.app import Gateway
+from gateway.cli.serve import new_event_loop
 from gateway.settings import Settings
 
 
@@ -24,7 +25,7 @@ class GatewayThread:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.gateway = Gateway(settings)
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # cgw serve's
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def start(self) -> GatewayThread:
