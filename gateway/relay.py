@@ -231,10 +231,15 @@ async def send_data(client: aiosmtplib.SMTP, content: bytes) -> str:
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        for piece in dot_stuffed(content):
-            protocol.write(piece)
+        pieces = dot_stuffed(content)
+        last = next(pieces, b"")
+        for piece in pieces:
+            protocol.write(last)
             await protocol._drain_helper()  # stdlib's flow control, which aiosmtplib carries
-        protocol.write(b".\r\n")
+            last = piece
+        # The end of data rides with the last piece: one TLS record and one
+        # send fewer a message (a 4 KB message is a single piece).
+        protocol.write(last + b".\r\n")
         done = await protocol.read_response(timeout=client.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
         client.close()  # mid-message: the connection cannot carry another one
