@@ -42,7 +42,7 @@ class _Lookup:
     """A query by one column in two forms, built once: ``= :value`` for one
     value, ``IN (...)`` for several. Most lookups are for one address, and
     SQLAlchemy's expansion of an IN list at each execution was about a fifth
-    of a lookup's time (bench/policy.py at 1,000,000 consents)."""
+    of a lookup's time (a profile of bench/policy.py)."""
 
     one: Select[*tuple[Any, ...]]
     many: Select[*tuple[Any, ...]]

@@ -275,7 +275,7 @@ class SubmissionProtocol(SMTP):
             raise
         except Exception as error:
             raise TLSSetupException() from error
-        assert secured is not None  # start_tls returns None only when the transport closed
+        assert secured is not None  # typed as optional; neither loop returns None
         self._original_transport = plain
         self._tls_protocol = _TlsLayer(secured)  # type: ignore[assignment]
         self.connection_made(secured)
