@@ -102,15 +102,6 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _PLAIN_PATH = re.compile(rf"<(({_ATEXT}(?:\.{_ATEXT})*)@{_LABEL}(?:\.{_LABEL})*)>")
 
 
-class _TlsLayer:
-    """What aiosmtpd reads of its ``_tls_protocol``: that there is one (AUTH,
-    EHLO, require_starttls) and its ``_extra``, which becomes ``session.ssl``."""
-
-    def __init__(self, transport: asyncio.BaseTransport) -> None:
-        keys = ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
-        self._extra = {key: transport.get_extra_info(key) for key in keys}
-
-
 class SubmissionProtocol(SMTP):
     # RFC 5321 4.5.3.1.6: a text line is at most 1,000 octets with its CRLF
     # (aiosmtpd's default allows 1,001).
@@ -250,35 +241,6 @@ class SubmissionProtocol(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._in_ehlo = False
-
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        """aiosmtpd's STARTTLS on the event loop's own TLS layer.
-
-        aiosmtpd builds asyncio's pure-Python SSLProtocol by hand; under
-        uvloop, ``loop.start_tls`` gives uvloop's compiled one, and every
-        later command, reply and message passes through it. What follows the
-        handshake stays aiosmtpd's (its connection_made): a fresh session,
-        plaintext pipelined behind STARTTLS discarded (RFC 3207 4.2), its
-        STARTTLS hook.
-        """
-        if arg:
-            await self.push("501 Syntax: STARTTLS")
-            return
-        if not self.tls_context:
-            await self.push("454 TLS not available")
-            return
-        await self.push("220 Ready to start TLS")
-        plain = cast(asyncio.WriteTransport, self.transport)
-        try:
-            secured = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            raise TLSSetupException() from error
-        assert secured is not None  # typed as optional; neither loop returns None
-        self._original_transport = plain
-        self._tls_protocol = _TlsLayer(secured)  # type: ignore[assignment]
-        self.connection_made(secured)
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA, streaming: each line goes to the spool as it arrives.
