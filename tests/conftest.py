@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import ssl
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -21,6 +19,7 @@ from consent_registry.db import make_engine, migrate, session_scope
 from consent_registry.users import add_user
 from gateway.app import initialise
 from gateway.settings import Settings
+from tests.cli import Run, as_process, cgw_env, in_process
 from tests.pki import TestCA
 from tests.runner import GatewayThread
 from tests.sink import Sink
@@ -250,34 +249,24 @@ def serve_env(
     yield build
 
 
-CGW = str(Path(sys.executable).with_name("cgw"))
-Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def cgw(tmp_path: Path, database_url: str) -> Run:
-    """``cgw`` as a subprocess, the way an admin runs it, on this test's database."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
-    env.update(
+def _cgw_env(tmp_path: Path, database_url: str) -> dict[str, str]:
+    return cgw_env(
         CGW_DATA_DIR=str(tmp_path / "data"),
         CGW_DATABASE_URL=database_url,
         CGW_HOSTNAME="gateway.test",
     )
 
-    def run(
-        *args: str, stdin: str = "", extra: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [CGW, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**env, **(extra or {})},
-            cwd=tmp_path,
-        )
 
-    return run
+@pytest.fixture
+def cgw(tmp_path: Path, database_url: str) -> Run:
+    """``cgw`` on this test's database, run in the test process (tests/cli.py says why)."""
+    return in_process(_cgw_env(tmp_path, database_url), tmp_path)
+
+
+@pytest.fixture
+def cgw_process(tmp_path: Path, database_url: str) -> Run:
+    """``cgw`` as a subprocess, the way an admin runs it, on this test's database."""
+    return as_process(_cgw_env(tmp_path, database_url), tmp_path)
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from consent_registry.db import make_engine, session_scope
 from gateway.app import initialise
 from gateway.audit import AuditAction, AuditEntry, audit_log
 from gateway.settings import Settings
-from tests.conftest import PASSWORD, Run
+from tests.cli import Run
+from tests.conftest import PASSWORD
 from tests.gateway import test_policy_enforcement as enforcement
 from tests.gateway.test_durability import _wait
 from tests.gateway.test_policy_enforcement import _message, _rcpt

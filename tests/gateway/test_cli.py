@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 from consent_registry.db import make_engine
 from consent_registry.models import AuditEvent
 from gateway.cli import serve
-from tests.conftest import Run
+from tests.cli import Run
 
 PASSWORD = "a long enough password"
 
@@ -36,15 +36,17 @@ def _actions(database_url: str) -> list[tuple[str, str, str | None]]:
         engine.dispose()
 
 
-def test_help_lists_the_commands(cgw: Run) -> None:
-    result = cgw("--help")
+def test_help_lists_the_commands(cgw_process: Run) -> None:
+    result = cgw_process("--help")
     assert result.returncode == 0
     for command in ("init", "serve", "config", "user"):
         assert command in result.stdout
 
 
-def test_init_prepares_everything_once_and_never_overwrites(cgw: Run, tmp_path: Path) -> None:
-    first = cgw("init")
+def test_init_prepares_everything_once_and_never_overwrites(
+    cgw_process: Run, tmp_path: Path
+) -> None:
+    first = cgw_process("init")
     assert first.returncode == 0, first.stderr
     assert "created  storage key" in first.stdout
     assert "created  self-signed TLS certificate" in first.stdout
@@ -53,7 +55,7 @@ def test_init_prepares_everything_once_and_never_overwrites(cgw: Run, tmp_path: 
     cert = tmp_path / "data" / "tls" / "dev-cert.pem"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     before = key.read_bytes(), cert.read_bytes()
-    second = cgw("init")
+    second = cgw_process("init")
     assert second.returncode == 0, second.stderr
     assert "created" not in second.stdout
     assert (key.read_bytes(), cert.read_bytes()) == before
@@ -198,8 +200,8 @@ def test_duplicates_and_double_disable_are_refused(initialised: Run) -> None:
     assert "already disabled" in _error_line(twice)
 
 
-def test_usage_errors_exit_2(initialised: Run) -> None:
-    result = initialised("user", "add", "x")
+def test_usage_errors_exit_2(initialised: Run, cgw_process: Run) -> None:
+    result = cgw_process("user", "add", "x")
     assert result.returncode == 2
     assert "--address" in result.stderr
 

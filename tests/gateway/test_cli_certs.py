@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from consent_registry.db import make_engine
 from consent_registry.models import AuditEvent
-from tests.conftest import Run
+from tests.cli import Run
 from tests.smime_pki import SmimeCA, SmimeCert
 
 ANNA = "anna@example.org"

@@ -1,4 +1,4 @@
-"""``cgw patient``, ``relationship`` and ``consent``, run as an admin runs them.
+"""``cgw patient``, ``relationship`` and ``consent``, with an admin's arguments and input.
 
 Every command and every refusal from the registry issue: exit codes, the one
 line on stderr, and that a refused change writes nothing (not even an audit
@@ -8,11 +8,8 @@ entry).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,36 +21,21 @@ from consent_registry.models import AuditEvent, Consent
 from consent_registry.users import add_user
 from gateway.audit import audit_key
 from gateway.settings import Settings
+from tests.cli import Run, cgw_env, in_process
 
-CGW = str(Path(sys.executable).with_name("cgw"))
 PASSWORD = "a long enough password"
-
-Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def _runner(tmp_path: Path, database_url: str, data: str = "data") -> Run:
     # The audit key, as 'cgw init' makes it: admin commands never make keys.
     audit_key(Settings(data_dir=tmp_path / data, database_url=database_url))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
-    env.update(
+    env = cgw_env(
         CGW_DATA_DIR=str(tmp_path / data),
         CGW_DATABASE_URL=database_url,
         CGW_HOSTNAME="gateway.test",
         CGW_TIMEZONE="Europe/Berlin",
     )
-
-    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [CGW, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-            cwd=tmp_path,
-        )
-
-    return run
+    return in_process(env, tmp_path)
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> str:

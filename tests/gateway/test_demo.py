@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.demo import run_demo
-from tests.conftest import CGW
+from tests.cli import CGW
 
 AUDITED = ("message.accepted", "message.denied", "message.quarantined", "message.delivered")
 

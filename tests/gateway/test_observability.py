@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from gateway.app import initialise
 from gateway.settings import Settings
-from tests.conftest import DOMAIN, PASSWORD, Run, create_user
+from tests.cli import Run
+from tests.conftest import DOMAIN, PASSWORD, create_user
 from tests.gateway.test_durability import (
     MARKER,
     SENDER,

@@ -6,13 +6,10 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import os
 import smtplib
 import subprocess
-import sys
 from collections.abc import Callable
 from datetime import date, timedelta
-from pathlib import Path
 
 import pytest
 from sqlmodel import select
@@ -20,6 +17,7 @@ from sqlmodel import select
 from consent_registry.db import make_engine
 from consent_registry.models import Consent
 from gateway.queue import QueueStore
+from tests.cli import cgw_env, in_process
 from tests.conftest import DOMAIN, PASSWORD
 from tests.gateway.test_durability import _wait
 from tests.practice import SENDER, Practice
@@ -298,23 +296,17 @@ def test_cgw_check_tells_staff_what_the_gateway_would_do(
 ) -> None:
     running, practice = practice_gateway()
     _no_consent(practice)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
-    env.update(
-        CGW_DATA_DIR=str(running.settings.data_dir),
-        CGW_DATABASE_URL=running.settings.database_url,
-        CGW_PRACTICE_DOMAINS=DOMAIN,
+    cgw = in_process(
+        cgw_env(
+            CGW_DATA_DIR=str(running.settings.data_dir),
+            CGW_DATABASE_URL=running.settings.database_url,
+            CGW_PRACTICE_DOMAINS=DOMAIN,
+        )
     )
-    cgw = str(Path(sys.executable).with_name("cgw"))
 
     def check(*recipients: str, as_json: bool = False) -> subprocess.CompletedProcess[str]:
         args = [a for r in recipients for a in ("--to", r)] + (["--json"] if as_json else [])
-        return subprocess.run(
-            [cgw, "check", "--from", SENDER, *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
+        return cgw("check", "--from", SENDER, *args)
 
     def outcomes(*recipients: str) -> tuple[dict[str, tuple[str, str, str]], object]:
         done = check(*recipients, as_json=True)
@@ -339,13 +331,7 @@ def test_cgw_check_tells_staff_what_the_gateway_would_do(
     # What check says is what the gateway does.
     code, text = _rcpt(running, "Carl@example.org")
     assert code == 550 and SENTENCES["NO_CONSENT"] in text
-    unknown = subprocess.run(
-        [cgw, "check", "--from", "nobody@example.org", "--to", "a@b.example"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    unknown = cgw("check", "--from", "nobody@example.org", "--to", "a@b.example")
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == (
         "cgw: error: nobody@example.org is not the address of an active cgw user"
@@ -386,14 +372,12 @@ def test_the_privacy_officer_sees_what_is_held_and_opening_it_is_audited(
     client = running.logged_in("drsmith", PASSWORD)
     client.sendmail(SENDER, ["eve@example.org"], _message("eve@example.org"))
     client.quit()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
-    env.update(
-        CGW_DATA_DIR=str(running.settings.data_dir), CGW_DATABASE_URL=running.settings.database_url
+    run = in_process(
+        cgw_env(
+            CGW_DATA_DIR=str(running.settings.data_dir),
+            CGW_DATABASE_URL=running.settings.database_url,
+        )
     )
-    cgw = str(Path(sys.executable).with_name("cgw"))
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([cgw, *args], capture_output=True, text=True, env=env, timeout=60)
 
     listed = run("quarantine", "list", "--json")
     (held,) = json.loads(listed.stdout)

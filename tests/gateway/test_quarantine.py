@@ -28,7 +28,8 @@ from gateway.queue import QueuedRecipient, QueueStore, RecipientResult, Verdict,
 from gateway.reports import Reports
 from gateway.settings import Settings
 from gateway.spool import FileSpool, Spool, open_spool
-from tests.conftest import DOMAIN, PASSWORD, Run, create_user
+from tests.cli import Run
+from tests.conftest import DOMAIN, PASSWORD, create_user
 from tests.gateway.test_durability import _plaintext_hits, _wait
 from tests.practice import SENDER, Practice
 from tests.practice import now as _now

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import ssl
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from gateway.settings import Settings
+from tests.cli import cgw_env, in_process
 from tests.conftest import DOMAIN, PASSWORD
 from tests.gateway.test_durability import _recipients, _wait
 from tests.runner import GatewayThread
 from tests.sink import Sink
 
 SENDER = f"dr.smith@{DOMAIN}"
-CGW = str(Path(sys.executable).with_name("cgw"))
 
 
 def test_list_shows_a_deferred_message_and_retry_delivers_it_now(
@@ -40,11 +37,9 @@ def test_list_shows_a_deferred_message_and_retry_delivers_it_now(
         client.sendmail(SENDER, [f"team@{DOMAIN}"], f"From: {SENDER}\r\n\r\nrota\r\n".encode())
         client.quit()
         _wait(lambda: _recipients(settings)[0].state == "deferred", "the deferral")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CGW_")}
-        env.update(CGW_DATA_DIR=str(settings.data_dir), CGW_DATABASE_URL=settings.database_url)
-
-        def cgw(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([CGW, *args], capture_output=True, text=True, env=env, timeout=60)
+        cgw = in_process(
+            cgw_env(CGW_DATA_DIR=str(settings.data_dir), CGW_DATABASE_URL=settings.database_url)
+        )
 
         (row,) = json.loads(cgw("queue", "list", "--json").stdout)
         assert (row["recipient"], row["state"], row["attempts"]) == (
