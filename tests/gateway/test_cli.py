@@ -1,4 +1,4 @@
-"""The ``cgw`` command line, run as an admin runs it: a real process, real database."""
+"""The ``cgw`` command line with an admin's arguments, on a real database."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``cgw cert import`` and ``cgw cert list``, run as an admin runs them: a real process."""
+"""``cgw cert import`` and ``cgw cert list``, with an admin's arguments and files."""
 
 from __future__ import annotations
 

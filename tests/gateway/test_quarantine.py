@@ -1,5 +1,5 @@
-"""The quarantine end to end: a real gateway holds, ``cgw quarantine`` (a real
-process) releases or rejects, a verified-TLS sink stands for the next hop."""
+"""The quarantine end to end: a real gateway holds, ``cgw quarantine`` releases
+or rejects, a verified-TLS sink stands for the next hop."""
 
 from __future__ import annotations
 
