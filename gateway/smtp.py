@@ -102,6 +102,15 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _PLAIN_PATH = re.compile(rf"<(({_ATEXT}(?:\.{_ATEXT})*)@{_LABEL}(?:\.{_LABEL})*)>")
 
 
+class _TlsLayer:
+    """What aiosmtpd reads of its ``_tls_protocol``: that there is one (AUTH,
+    EHLO, require_starttls) and its ``_extra``, which becomes ``session.ssl``."""
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        keys = ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
+        self._extra = {key: transport.get_extra_info(key) for key in keys}
+
+
 class SubmissionProtocol(SMTP):
     # RFC 5321 4.5.3.1.6: a text line is at most 1,000 octets with its CRLF
     # (aiosmtpd's default allows 1,001).
@@ -241,6 +250,45 @@ class SubmissionProtocol(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._in_ehlo = False
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS on the event loop's own TLS layer.
+
+        aiosmtpd builds asyncio's pure-Python SSLProtocol by hand; under
+        uvloop, ``loop.start_tls`` gives uvloop's compiled one, and every
+        later command, reply and message passes through it (about 5 % of
+        cgw's CPU per message). What follows the handshake stays aiosmtpd's
+        (its connection_made): a fresh session and its STARTTLS hook.
+
+        RFC 3207 4.2: plaintext pipelined behind STARTTLS is discarded, here,
+        before the handshake. After it, the reader may already hold a command
+        sent under TLS (TLS 1.3 lets a client send EHLO in the segment with
+        its Finished, which start_tls decrypts before this task resumes):
+        aiosmtpd's connection_made clears the reader, so that is put back.
+        """
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            await self.push("454 TLS not available")
+            return
+        await self.push("220 Ready to start TLS")
+        plain = cast(asyncio.WriteTransport, self.transport)  # uvloop's: no asyncio subclass
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        buffer.clear()
+        try:
+            secured = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
+        if secured is None:  # the connection closed during the handshake
+            return
+        early = bytes(buffer)
+        self._original_transport = plain
+        self._tls_protocol = _TlsLayer(secured)  # type: ignore[assignment]
+        self.connection_made(secured)
+        buffer.extend(early)
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA, streaming: each line goes to the spool as it arrives.
