@@ -72,24 +72,26 @@ class GatewayThread:
         client.login(login, password)
         return client
 
-    def raw(self, timeout: float = 30) -> RawClient:
-        return RawClient(self, timeout)
+    def raw(self, timeout: float = 30, starttls: bool = True) -> RawClient:
+        return RawClient(self, timeout, starttls)
 
 
 class RawClient:
-    """Bytes on a TLS socket after STARTTLS, for protocol abuse tests."""
+    """Bytes on a socket, for protocol abuse tests: on TLS after STARTTLS, or
+    (``starttls=False``) still in the clear after EHLO, for tests that do
+    STARTTLS their own way."""
 
-    def __init__(self, gateway: GatewayThread, timeout: float) -> None:
-        plain = socket.create_connection(("127.0.0.1", gateway.port()), timeout=timeout)
+    def __init__(self, gateway: GatewayThread, timeout: float, starttls: bool = True) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", gateway.port()), timeout=timeout)
         self.buffer = b""
-        self.sock: socket.socket = plain
         self.expect("220")
         self.send(b"EHLO raw.test\r\n")
         self.expect("250 ")
-        self.send(b"STARTTLS\r\n")
-        self.expect("220")
-        self.sock = gateway.client_context().wrap_socket(plain, server_hostname="127.0.0.1")
-        self.buffer = b""
+        if starttls:
+            self.send(b"STARTTLS\r\n")
+            self.expect("220")
+            self.sock = gateway.client_context().wrap_socket(self.sock, server_hostname="127.0.0.1")
+            self.buffer = b""
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -44,17 +44,10 @@ def test_fake_end_of_data_is_refused_as_one_message(
 
 
 def test_commands_pipelined_behind_starttls_are_discarded(gateway: GatewayThread) -> None:
-    import socket
-
-    plain = socket.create_connection(("127.0.0.1", gateway.port()), timeout=30)
-    reader = plain.makefile("rb")
-    assert reader.readline().startswith(b"220")
-    plain.sendall(b"EHLO client.test\r\n")
-    while not reader.readline().startswith(b"250 "):
-        pass
-    plain.sendall(b"STARTTLS\r\nNOOP injected-before-tls\r\n")
-    assert reader.readline().startswith(b"220")
-    tls = gateway.client_context().wrap_socket(plain, server_hostname="127.0.0.1")
+    plain = gateway.raw(starttls=False)
+    plain.send(b"STARTTLS\r\nNOOP injected-before-tls\r\n")
+    plain.expect("220")
+    tls = gateway.client_context().wrap_socket(plain.sock, server_hostname="127.0.0.1")
     tls.sendall(b"RSET\r\n")
     # Had the injected NOOP survived, its 250 would come first; RSET's is "250 2.0.0 OK".
     first = tls.recv(1024)

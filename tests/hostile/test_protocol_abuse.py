@@ -71,20 +71,15 @@ def _nothing_accepted(gateway: GatewayThread, sink: Sink) -> None:
 def test_auth_and_mail_pipelined_behind_starttls_do_not_survive_the_handshake(
     gateway: GatewayThread, sink: Sink
 ) -> None:
-    plain = socket.create_connection(("127.0.0.1", gateway.port()), timeout=30)
-    reader = plain.makefile("rb")
-    assert reader.readline().startswith(b"220 ")
-    plain.sendall(b"EHLO client.test\r\n")
-    while not reader.readline().startswith(b"250 "):
-        pass
+    plain = gateway.raw(starttls=False)
     # Injected in the same packet as STARTTLS, in the clear: a valid login and a transaction.
-    plain.sendall(
+    plain.send(
         b"STARTTLS\r\n"
         + f"AUTH PLAIN {plain_token('drsmith', PASSWORD)}\r\n".encode()
         + f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{COLLEAGUE}>\r\n".encode()
     )
-    assert reader.readline().startswith(b"220 ")
-    tls = gateway.client_context().wrap_socket(plain, server_hostname="127.0.0.1")
+    plain.expect("220 ")
+    tls = gateway.client_context().wrap_socket(plain.sock, server_hostname="127.0.0.1")
     replies = tls.makefile("rb")
     tls.sendall(b"NOOP first-inside-tls\r\n")
     # Had any injected command survived, its reply (235, 250, 503, ...) would come first.
@@ -124,14 +119,10 @@ def test_a_command_sent_with_the_clients_finished_is_answered(
     gateway = start_gateway(
         make_settings(delivery=f"smtp://127.0.0.1:{sink.port}", delivery_ca_file=ca_file)
     )
-    plain = socket.create_connection(("127.0.0.1", gateway.port()), timeout=10)
-    reader = plain.makefile("rb")
-    assert reader.readline().startswith(b"220 ")
-    plain.sendall(b"EHLO client.test\r\n")
-    while not reader.readline().startswith(b"250 "):
-        pass
-    plain.sendall(b"STARTTLS\r\n")
-    assert reader.readline().startswith(b"220 ")
+    raw = gateway.raw(timeout=10, starttls=False)
+    raw.send(b"STARTTLS\r\n")
+    raw.expect("220 ")
+    plain = raw.sock
     context = gateway.client_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
