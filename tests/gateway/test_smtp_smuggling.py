@@ -45,11 +45,12 @@ def test_fake_end_of_data_is_refused_as_one_message(
 
 def test_commands_pipelined_behind_starttls_are_discarded(gateway: GatewayThread) -> None:
     plain = gateway.raw(starttls=False)
-    plain.send(b"STARTTLS\r\nNOOP injected-before-tls\r\n")
+    # HELP, not NOOP: NOOP's reply is the same as RSET's, which would hide a survivor.
+    plain.send(b"STARTTLS\r\nHELP injected-before-tls\r\n")
     plain.expect("220")
     tls = gateway.client_context().wrap_socket(plain.sock, server_hostname="127.0.0.1")
     tls.sendall(b"RSET\r\n")
-    # Had the injected NOOP survived, its 250 would come first; RSET's is "250 2.0.0 OK".
+    # Had the injected HELP survived, its reply would come first; RSET's is "250 2.0.0 OK".
     first = tls.recv(1024)
     assert first == b"250 2.0.0 OK\r\n"
     tls.close()
