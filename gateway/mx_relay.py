@@ -15,13 +15,13 @@ import ssl
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 
-import aiosmtplib
 import dns.asyncresolver
 
 from consent_registry.addresses import AddressError, parse_address
 from gateway.mx import MxLookupError, host_addresses, mail_hosts
 from gateway.queue import RecipientResult, Verdict
-from gateway.relay import close_quietly, describe_failure, transaction
+from gateway.relay import describe_failure, transaction
+from gateway.smtp_client import SmtpClient, SmtpError
 
 
 class _TryNextHost(Exception):
@@ -104,23 +104,20 @@ class MxRelay:
         group: list[str],
         content: bytes,
     ) -> dict[str, RecipientResult]:
-        client = aiosmtplib.SMTP(
-            hostname=address,
-            port=self.port,
-            start_tls=False,  # decided below, per recipient group, never by default
-            local_hostname=self.local_hostname,
-            timeout=self.timeout,
-        )
         try:
-            await client.connect()
-            await client.ehlo()
-            if client.supports_extension("starttls"):
+            client = await SmtpClient.connect(
+                address, self.port, local_hostname=self.local_hostname, wait=self.timeout
+            )
+        except (SmtpError, OSError, TimeoutError) as exc:
+            raise _TryNextHost(f"{host}: {describe_failure(exc)}") from exc
+        try:
+            if client.supports("STARTTLS"):
                 context = self.verified_context if need_verified else self.opportunistic_context
-                await client.starttls(server_hostname=host, tls_context=context)
+                await client.starttls(context, server_hostname=host)
             elif need_verified:
                 raise _TryNextHost(f"{host} does not offer STARTTLS, which this consent requires")
             return await transaction(client, mail_from, group, content)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        except (SmtpError, OSError, TimeoutError) as exc:
             raise _TryNextHost(f"{host}: {describe_failure(exc)}") from exc
         finally:
-            await close_quietly(client)
+            await client.quit()

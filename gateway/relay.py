@@ -3,10 +3,9 @@
 ``OutboxRelay`` writes files under ``data_dir/outbox`` (the embedded default:
 one ``ID.eml`` as it would go on the wire, beside ``ID.json`` with the
 envelope; a repeated delivery of the same message rewrites the same files).
-``SmtpRelay`` speaks SMTP with aiosmtplib and never in the clear: STARTTLS
-is demanded (``start_tls=True``; aiosmtplib's default would fall back to
-plaintext) or the connection is implicit TLS, and the certificate must
-verify for the host name. Any failure of TLS defers the message.
+``SmtpRelay`` speaks SMTP (``gateway.smtp_client``) and never in the clear:
+STARTTLS is demanded or the connection is implicit TLS, and the certificate
+must verify for the host name. Any failure of TLS defers the message.
 """
 
 from __future__ import annotations
@@ -16,14 +15,13 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
-import aiosmtplib
-
 from gateway.queue import RecipientResult, Verdict
 from gateway.settings import DeliveryTarget
+from gateway.smtp_client import BrokenConnection, Refused, Reply, SmtpClient, SmtpError
 
 
 class Relay(Protocol):
@@ -114,7 +112,7 @@ class SmtpRelay:
         self.timeout = timeout
         self.pool_size = pool_size
         self.max_idle = max_idle
-        self._idle: list[tuple[float, aiosmtplib.SMTP]] = []
+        self._idle: list[tuple[float, SmtpClient]] = []
 
     async def send(
         self,
@@ -128,38 +126,44 @@ class SmtpRelay:
         if pooled is not None:
             try:
                 results = await transaction(pooled, mail_from, recipients, content)
-            except (aiosmtplib.SMTPServerDisconnected, ConnectionError, TimeoutError):
-                await close_quietly(pooled)  # it went stale while idle: start afresh
+            except (ConnectionError, TimeoutError):
+                pooled.close()  # it went stale while idle: start afresh
             else:
                 self._give_back(pooled)
                 return results
-        client = aiosmtplib.SMTP(
-            hostname=self.target.host,
-            port=self.target.port,
-            use_tls=self.target.tls == "implicit",
-            start_tls=self.target.tls == "starttls",
-            tls_context=self.tls_context,
-            local_hostname=self.local_hostname,
-            timeout=self.timeout,
-        )
+        target = self.target
         try:
-            await client.connect()
-            if self.target.username:
-                await client.login(self.target.username, self.target.password or "")
+            client = await SmtpClient.connect(
+                target.host,
+                target.port,
+                local_hostname=self.local_hostname,
+                wait=self.timeout,
+                tls=self.tls_context if target.tls == "implicit" else None,
+            )
+        except Refused as exc:
+            return dict.fromkeys(recipients, _result(exc.reply))
+        except (SmtpError, OSError, TimeoutError) as exc:
+            return dict.fromkeys(
+                recipients, RecipientResult(Verdict.DEFERRED, describe_failure(exc))
+            )
+        try:
+            if target.tls == "starttls":
+                await client.starttls(self.tls_context, target.host)
+            if target.username:
+                await client.login(target.username, target.password or "")
             results = await transaction(client, mail_from, recipients, content)
-        except aiosmtplib.SMTPResponseException as exc:  # greeting or AUTH refused
-            await close_quietly(client)
-            result = RecipientResult(verdict_for(exc.code), f"{exc.code} {exc.message}")
-            return dict.fromkeys(recipients, result)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            await close_quietly(client)
+        except Refused as exc:  # STARTTLS or AUTH refused
+            await client.quit()
+            return dict.fromkeys(recipients, _result(exc.reply))
+        except (SmtpError, OSError, TimeoutError) as exc:
+            await client.quit()
             return dict.fromkeys(
                 recipients, RecipientResult(Verdict.DEFERRED, describe_failure(exc))
             )
         self._give_back(client)
         return results
 
-    def _take_idle(self) -> aiosmtplib.SMTP | None:
+    def _take_idle(self) -> SmtpClient | None:
         now = time.monotonic()
         while self._idle:
             since, client = self._idle.pop()
@@ -168,7 +172,7 @@ class SmtpRelay:
             client.close()
         return None
 
-    def _give_back(self, client: aiosmtplib.SMTP) -> None:
+    def _give_back(self, client: SmtpClient) -> None:
         if client.is_connected and len(self._idle) < self.pool_size:
             self._idle.append((time.monotonic(), client))
         else:
@@ -178,103 +182,26 @@ class SmtpRelay:
         """QUIT every idle connection (at shutdown)."""
         idle, self._idle = self._idle, []
         for _, client in idle:
-            await close_quietly(client)
+            await client.quit()
 
 
 async def transaction(
-    client: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], content: bytes
+    client: SmtpClient, mail_from: str, recipients: Sequence[str], content: bytes
 ) -> dict[str, RecipientResult]:
-    """MAIL, RCPT, DATA on a ready connection: what the next hop said per recipient.
+    """One message on a ready connection: what the next hop said per recipient.
 
     Connection-level failures propagate; the caller decides whether another
-    host is worth trying. A refusal resets the envelope (RSET), so the
-    connection can carry the next message.
+    host is worth trying.
     """
     options = _mail_options(mail_from, recipients, content)
-    encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
-    if client.supports_extension("size"):
+    if client.supports("SIZE"):
         options.insert(0, f"SIZE={len(content)}")
-    results: dict[str, RecipientResult] = {}
-    try:
-        await client.mail(mail_from, options=options, encoding=encoding)
-        for recipient in recipients:
-            try:
-                await client.rcpt(recipient, encoding=encoding)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                results[recipient] = RecipientResult(
-                    verdict_for(exc.code), f"{exc.code} {exc.message}"
-                )
-        if len(results) == len(recipients):
-            await _reset(client)
-            return results
-        reply = await send_data(client, content)
-    except aiosmtplib.SMTPResponseException as exc:
-        await _reset(client)
-        failed = RecipientResult(verdict_for(exc.code), f"{exc.code} {exc.message}")
-        return {r: results.get(r, failed) for r in recipients}
-    delivered = RecipientResult(Verdict.DELIVERED, f"250 {reply}")
-    return {r: results.get(r, delivered) for r in recipients}
+    said = await client.send(mail_from, options, recipients, content)
+    return {r: _result(reply) for r, reply in said.items()}
 
 
-async def send_data(client: aiosmtplib.SMTP, content: bytes) -> str:
-    """DATA, written in 64 kB pieces, each once the connection took the last one.
-
-    aiosmtplib's own DATA copies the message three times and hands all of it
-    to the TLS layer at once, which holds it twice more: five copies of a
-    25 MB message. Here the message is held once. ``content`` has CRLF line
-    endings only (the gateway refuses anything else and writes nothing else).
-    """
-    start = await client.execute_command(b"DATA")
-    if start.code != 354:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
-    protocol = client.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    try:
-        pieces = dot_stuffed(content)
-        last = next(pieces, b"")
-        for piece in pieces:
-            protocol.write(last)
-            await protocol._drain_helper()  # stdlib's flow control, which aiosmtplib carries
-            last = piece
-        # The end of data rides with the last piece: one TLS record and one
-        # send fewer a message (a 4 KB message is a single piece).
-        protocol.write(last + b".\r\n")
-        done = await protocol.read_response(timeout=client.timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
-        client.close()  # mid-message: the connection cannot carry another one
-        raise
-    if done.code != 250:
-        raise aiosmtplib.SMTPDataError(done.code, done.message)
-    return done.message
-
-
-_PIECE = 1 << 16
-
-
-def dot_stuffed(content: bytes) -> Iterator[bytes]:
-    """``content`` with RFC 5321 4.5.2 transparency, in pieces, ending in CRLF.
-
-    A line that starts with a dot gets a second one, also where a line
-    starts exactly at a piece's boundary.
-    """
-    at_line_start = True
-    for start in range(0, len(content), _PIECE):
-        piece = content[start : start + _PIECE].replace(b"\n.", b"\n..")
-        if at_line_start and piece.startswith(b"."):
-            piece = b"." + piece
-        at_line_start = piece.endswith(b"\n")
-        yield piece
-    if content and not content.endswith(b"\r\n"):
-        yield b"\r\n"
-
-
-async def _reset(client: aiosmtplib.SMTP) -> None:
-    """RSET after a refusal; a connection that fails it is closed, not reused."""
-    try:
-        await client.rset()
-    except (aiosmtplib.SMTPException, OSError):
-        client.close()
+def _result(reply: Reply) -> RecipientResult:
+    return RecipientResult(verdict_for(reply.code), str(reply))
 
 
 def _mail_options(mail_from: str, recipients: Sequence[str], content: bytes) -> list[str]:
@@ -292,12 +219,6 @@ def describe_failure(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, ssl.SSLCertVerificationError):
         return f"TLS certificate of the next hop did not verify: {cause.verify_message}"
+    if isinstance(exc, (SmtpError, BrokenConnection, TimeoutError)) and str(exc):
+        return str(exc)  # said in words already
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-async def close_quietly(client: aiosmtplib.SMTP) -> None:
-    if client.is_connected:
-        try:
-            await client.quit()
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            client.close()

@@ -1,8 +1,8 @@
 """A next hop for tests: an aiosmtpd server on 127.0.0.1 that records what it gets.
 
-It offers STARTTLS with a certificate from the test CA (or no TLS at all), can
-answer RCPT and DATA with scripted replies, and can stall before its greeting
-to hold a delivery in flight. Runs on its own event loop in a thread.
+It offers STARTTLS with a certificate from the test CA (or no TLS at all), and
+PIPELINING if asked to, can answer RCPT and DATA with scripted replies, and
+can stall before its greeting to hold a delivery in flight. Runs on its own event loop in a thread.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ class SinkHandler:
     data_replies: list[str | bytes] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds each DATA takes, to hold deliveries in flight
+    pipelining: bool = False  # offer PIPELINING (aiosmtpd reads pipelined commands anyway)
     changed: threading.Condition = field(default_factory=threading.Condition)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, lines: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*lines[:-1], "250-PIPELINING", lines[-1]] if self.pipelining else lines
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]

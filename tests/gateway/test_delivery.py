@@ -66,7 +66,7 @@ def test_next_hop_without_starttls_gets_nothing(
     make_settings: Callable[..., Settings], start_gateway: StartGateway, ca_file: Path
 ) -> None:
     _deferred_without_delivery(
-        Sink(tls=None), make_settings, start_gateway, ca_file, "STARTTLS extension not supported"
+        Sink(tls=None), make_settings, start_gateway, ca_file, "does not offer STARTTLS"
     )
 
 
@@ -155,14 +155,20 @@ def test_temporary_failures_are_retried_and_delivered_once(
         hop.stop()
 
 
+PIPELINING = pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+
+
+@PIPELINING
 def test_permanent_refusal_fails_only_that_recipient(
     make_settings: Callable[..., Settings],
     start_gateway: StartGateway,
     ca_file: Path,
     sink_tls: ssl.SSLContext,
+    pipelining: bool,
 ) -> None:
     gone = f"left.the.practice@{DOMAIN}"
-    hop = Sink(tls=sink_tls, rcpt_replies={gone: "550 5.1.1 no such user"}).start()
+    replies = {gone: "550 5.1.1 no such user"}
+    hop = Sink(tls=sink_tls, rcpt_replies=replies, pipelining=pipelining).start()
     try:
         settings = make_settings(delivery=f"smtp://127.0.0.1:{hop.port}", delivery_ca_file=ca_file)
         running = start_gateway(settings)
@@ -176,6 +182,7 @@ def test_permanent_refusal_fails_only_that_recipient(
         hop.stop()
 
 
+@PIPELINING
 @pytest.mark.parametrize("reply", ["554 5.7.1 rejected by policy"])
 def test_permanent_refusal_of_data_fails_every_recipient(
     make_settings: Callable[..., Settings],
@@ -183,8 +190,9 @@ def test_permanent_refusal_of_data_fails_every_recipient(
     ca_file: Path,
     sink_tls: ssl.SSLContext,
     reply: str,
+    pipelining: bool,
 ) -> None:
-    hop = Sink(tls=sink_tls, data_replies=[reply]).start()
+    hop = Sink(tls=sink_tls, data_replies=[reply], pipelining=pipelining).start()
     try:
         settings = make_settings(delivery=f"smtp://127.0.0.1:{hop.port}", delivery_ca_file=ca_file)
         running = start_gateway(settings)

@@ -30,7 +30,7 @@ from consent_registry.db import session_scope
 from gateway.budget import MachineTurn, OctetBudget
 from gateway.crypto_at_rest import CHUNK_SIZE, StorageKey
 from gateway.intake import HEADER_LIMIT, HeaderTooLarge, IncomingMessage
-from gateway.relay import dot_stuffed
+from gateway.smtp_client import dot_stuffed
 from gateway.spool import INLINE_LIMIT, FileSpool, store_inline
 from tests.spools import file_spool
 
