@@ -104,13 +104,11 @@ class MxRelay:
         group: list[str],
         content: bytes,
     ) -> dict[str, RecipientResult]:
+        client = None
         try:
             client = await SmtpClient.connect(
                 address, self.port, local_hostname=self.local_hostname, wait=self.timeout
             )
-        except (SmtpError, OSError, TimeoutError) as exc:
-            raise _TryNextHost(f"{host}: {describe_failure(exc)}") from exc
-        try:
             if client.supports("STARTTLS"):
                 context = self.verified_context if need_verified else self.opportunistic_context
                 await client.starttls(context, server_hostname=host)
@@ -120,4 +118,5 @@ class MxRelay:
         except (SmtpError, OSError, TimeoutError) as exc:
             raise _TryNextHost(f"{host}: {describe_failure(exc)}") from exc
         finally:
-            await client.quit()
+            if client is not None:
+                await client.quit()

@@ -132,6 +132,7 @@ class SmtpRelay:
                 self._give_back(pooled)
                 return results
         target = self.target
+        client = None
         try:
             client = await SmtpClient.connect(
                 target.host,
@@ -140,28 +141,21 @@ class SmtpRelay:
                 wait=self.timeout,
                 tls=self.tls_context if target.tls == "implicit" else None,
             )
-        except Refused as exc:
-            return dict.fromkeys(recipients, _result(exc.reply))
-        except (SmtpError, OSError, TimeoutError) as exc:
-            return dict.fromkeys(
-                recipients, RecipientResult(Verdict.DEFERRED, describe_failure(exc))
-            )
-        try:
             if target.tls == "starttls":
                 await client.starttls(self.tls_context, target.host)
             if target.username:
                 await client.login(target.username, target.password or "")
             results = await transaction(client, mail_from, recipients, content)
-        except Refused as exc:  # STARTTLS or AUTH refused
-            await client.quit()
-            return dict.fromkeys(recipients, _result(exc.reply))
+        except Refused as exc:  # the session, STARTTLS or AUTH refused
+            failure = _result(exc.reply)
         except (SmtpError, OSError, TimeoutError) as exc:
+            failure = RecipientResult(Verdict.DEFERRED, describe_failure(exc))
+        else:
+            self._give_back(client)
+            return results
+        if client is not None:
             await client.quit()
-            return dict.fromkeys(
-                recipients, RecipientResult(Verdict.DEFERRED, describe_failure(exc))
-            )
-        self._give_back(client)
-        return results
+        return dict.fromkeys(recipients, failure)
 
     def _take_idle(self) -> SmtpClient | None:
         now = time.monotonic()
