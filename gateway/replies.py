@@ -70,6 +70,11 @@ def session_timeout(hostname: str) -> str:
     return f"421 4.4.2 {hostname} Error: session time limit exceeded"
 
 
+def bare_line_feed(hostname: str) -> str:
+    """Postfix's words for it; the client's lines must end in CRLF (``openssl s_client -crlf``)."""
+    return f"521 5.5.2 {hostname} Error: bare <LF> received; SMTP lines end with CRLF"
+
+
 def shutting_down(hostname: str) -> str:
     return f"421 4.3.2 {hostname} Service shutting down; please try again later"
 

@@ -17,9 +17,9 @@ import contextlib
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, SupportsIndex, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
@@ -37,6 +37,9 @@ from gateway.policy_gate import PolicyGate
 from policies.decision import Decision, Outcome
 from policies.engine import sender_owns
 from policies.facts import SenderFacts
+
+if TYPE_CHECKING:
+    from asyncio.streams import _ReaduntilBuffer  # typeshed: what readuntil takes
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,46 @@ class _TlsLayer:
         self._extra = {key: transport.get_extra_info(key) for key in keys}
 
 
+class BareLineFeed(Exception):
+    """A command line ended in LF without CR (see ``CommandLines``)."""
+
+
+class CommandLines(asyncio.StreamReader):
+    """The reader aiosmtpd reads commands from, on which only CRLF ends a line.
+
+    aiosmtpd reads commands with ``readuntil()``, whose separator is LF
+    alone: ``RCPT TO:<a>\\nRCPT TO:<b>`` was two commands in one line, the
+    ambiguity SMTP smuggling lives on (RFC 5321 2.3.8 allows only CRLF). A
+    line that ends in a bare LF raises ``BareLineFeed`` instead, and nothing
+    after it is read: the session answers 521 and closes, as Postfix's
+    ``smtpd_forbid_bare_newline = yes`` does. (DATA reads to CRLF itself.)
+    """
+
+    _refusing = False
+    # The last octet handed out: past an overlong line aiosmtpd reads on in
+    # pieces, and a CR can end one piece and its LF start the next.
+    _last = b""
+
+    async def readuntil(self, separator: _ReaduntilBuffer = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        crlf = line.endswith(b"\r\n") or (line == b"\n" and self._last == b"\r")
+        if separator == b"\n" and not crlf:
+            self._refusing = True
+            self._buffer.clear()  # type: ignore[attr-defined]  # what came after it
+            raise BareLineFeed
+        self._last = line[-1:]
+        return line
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self._last = data[-1:] or self._last
+        return data
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        if not self._refusing:
+            super().feed_data(data)
+
+
 class SubmissionProtocol(SMTP):
     # RFC 5321 4.5.3.1.6: a text line is at most 1,000 octets with its CRLF
     # (aiosmtpd's default allows 1,001).
@@ -130,6 +173,13 @@ class SubmissionProtocol(SMTP):
         # EHLO grows and every new connection clears: each session gets its own.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(handler, **kwargs)
+        # Again, with CommandLines for aiosmtpd's reader (nothing is connected yet).
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            CommandLines(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
         self._limiter = limiter
         self._session_timeout = session_timeout
         self._ended = ended
@@ -216,6 +266,14 @@ class SubmissionProtocol(SMTP):
         if self.transport is not None and not self.transport.is_closing():
             self._reset_timeout()
         super().data_received(data)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, BareLineFeed):
+            log.warning("%s sent a bare LF in a command line: closed", self._client or "a client")
+            reply = replies.bare_line_feed(self.hostname)
+            self.close_with(reply)
+            return reply
+        return await super().handle_exception(error)
 
     def _timeout_cb(self) -> None:
         self.close_with(replies.idle_timeout(self.hostname))
@@ -363,6 +421,8 @@ class SubmissionProtocol(SMTP):
         return refusal
 
     async def push(self, status: Any) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # closed by the gateway (close_with), after its last word
         if isinstance(status, str) and not self._in_ehlo:
             status = replies.enhance(status)
         await super().push(status)
