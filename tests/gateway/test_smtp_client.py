@@ -83,6 +83,18 @@ async def connect(port: int) -> SmtpClient:
     return await SmtpClient.connect("127.0.0.1", port, local_hostname="cgw.test", wait=5)
 
 
+async def send_through(
+    hop: Script, recipients: list[str], options: tuple[str, ...] = ()
+) -> dict[str, Reply]:
+    """MESSAGE from dr@praxis.test through a scripted hop: what it said to each recipient."""
+    async with scripted(hop) as port:
+        client = await connect(port)
+        try:
+            return await client.send("dr@praxis.test", list(options), recipients, MESSAGE)
+        finally:
+            client.close()
+
+
 async def test_the_envelope_goes_in_one_write_when_the_hop_offers_pipelining() -> None:
     async def hop(peer: Peer) -> None:
         await peer.greet()
@@ -99,15 +111,9 @@ async def test_the_envelope_goes_in_one_write_when_the_hop_offers_pipelining() -
         assert await peer.content() == MESSAGE.replace(b"\n.a", b"\n..a") + b".\r\n"
         await peer.say(b"250 2.0.0 queued as 1\r\n")
 
-    async with scripted(hop) as port:
-        client = await connect(port)
-        said = await client.send(
-            "dr@praxis.test", ["SIZE=48"], ["a@example.org", "b@example.org"], MESSAGE
-        )
-        assert said == dict.fromkeys(
-            ["a@example.org", "b@example.org"], Reply(250, "2.0.0 queued as 1")
-        )
-        client.close()
+    recipients = ["a@example.org", "b@example.org"]
+    said = await send_through(hop, recipients, ("SIZE=48",))
+    assert said == dict.fromkeys(recipients, Reply(250, "2.0.0 queued as 1"))
 
 
 async def test_one_refused_recipient_in_a_pipelined_envelope_keeps_its_reply() -> None:
@@ -120,14 +126,11 @@ async def test_one_refused_recipient_in_a_pipelined_envelope_keeps_its_reply() -
         await peer.content()
         await peer.say(b"250 queued\r\n")
 
-    async with scripted(hop) as port:
-        client = await connect(port)
-        said = await client.send("dr@praxis.test", [], ["gone@x.test", "here@x.test"], MESSAGE)
-        assert said == {
-            "gone@x.test": Reply(550, "5.1.1 no such user"),
-            "here@x.test": Reply(250, "queued"),
-        }
-        client.close()
+    said = await send_through(hop, ["gone@x.test", "here@x.test"])
+    assert said == {
+        "gone@x.test": Reply(550, "5.1.1 no such user"),
+        "here@x.test": Reply(250, "queued"),
+    }
 
 
 async def test_data_taken_after_every_recipient_was_refused_is_ended_with_a_lone_dot() -> None:
@@ -163,11 +166,8 @@ async def test_a_refused_mail_from_answers_for_every_recipient(pipelining: bool)
         assert await peer.line() == b"RSET\r\n"  # the envelope is never sent one by one
         await peer.say(b"250 reset\r\n")
 
-    async with scripted(hop) as port:
-        client = await connect(port)
-        said = await client.send("dr@praxis.test", [], ["a@x.test", "b@x.test"], MESSAGE)
-        assert said == dict.fromkeys(["a@x.test", "b@x.test"], Reply(451, "4.3.0 try later"))
-        client.close()
+    said = await send_through(hop, ["a@x.test", "b@x.test"])
+    assert said == dict.fromkeys(["a@x.test", "b@x.test"], Reply(451, "4.3.0 try later"))
 
 
 async def test_a_refused_data_answers_for_the_accepted_recipients_only() -> None:
@@ -178,14 +178,8 @@ async def test_a_refused_data_answers_for_the_accepted_recipients_only() -> None
         assert await peer.line() == b"RSET\r\n"
         await peer.say(b"250 reset\r\n")
 
-    async with scripted(hop) as port:
-        client = await connect(port)
-        said = await client.send("dr@praxis.test", [], ["a@x.test", "b@x.test"], MESSAGE)
-        assert said == {
-            "a@x.test": Reply(554, "5.7.1 no thanks"),
-            "b@x.test": Reply(452, "4.2.2 full"),
-        }
-        client.close()
+    said = await send_through(hop, ["a@x.test", "b@x.test"])
+    assert said == {"a@x.test": Reply(554, "5.7.1 no thanks"), "b@x.test": Reply(452, "4.2.2 full")}
 
 
 async def test_without_pipelining_each_command_waits_for_its_reply() -> None:
