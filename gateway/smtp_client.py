@@ -304,7 +304,8 @@ class SmtpClient:
                     break
                 reply = await self._command(b64(answer))
         else:
-            raise SmtpError(f"the next hop offers no AUTH cgw speaks (PLAIN, LOGIN): {offered}")
+            named = " ".join(offered) or "none"
+            raise SmtpError(f"the next hop offers no AUTH cgw speaks (PLAIN, LOGIN): {named}")
         if reply.code != 235:
             raise Refused("AUTH", reply)
 
