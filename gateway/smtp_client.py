@@ -336,12 +336,8 @@ class SmtpClient:
             data_reply = None
             if any(reply.positive for reply in said.values()):
                 data_reply = await self._command("DATA")
-        accepted = [r for r, reply in said.items() if reply.positive]
-        if (
-            data_reply is not None
-            and data_reply.code == 354
-            and not (mail_reply.positive and accepted)
-        ):
+        accepted = {r for r, reply in said.items() if reply.positive and mail_reply.positive}
+        if data_reply is not None and data_reply.code == 354 and not accepted:
             # RFC 2920 3.1: the server took DATA although no recipient was accepted.
             self._wire.write(b".\r\n")
             await self._wire.reply()
@@ -349,10 +345,9 @@ class SmtpClient:
         if not mail_reply.positive:
             await self._reset()
             return dict.fromkeys(recipients, mail_reply)
-        if data_reply is None or data_reply.code != 354:
+        if data_reply is None or data_reply.code != 354:  # None: every RCPT was refused
             await self._reset()
-            final = data_reply or Reply(554, "5.5.1 no valid recipients")
-            return {r: final if r in accepted else said[r] for r in recipients}
+            return {r: data_reply if data_reply and r in accepted else said[r] for r in recipients}
         done = await self._content(content)
         return {r: done if r in accepted else said[r] for r in recipients}
 
