@@ -48,13 +48,12 @@ class _Compiled:
 
     def bind(self, row: Row) -> Sequence[object] | dict[str, object]:
         values = [
-            (name, value if process is None else process(value))
+            row.get(name, default) if process is None else process(row.get(name, default))
             for name, default, process in self.parameters
-            for value in (row.get(name, default),)
         ]
         if self.positional:
-            return [value for _, value in values]
-        return dict(values)
+            return values
+        return {name: value for (name, _, _), value in zip(self.parameters, values, strict=True)}
 
 
 class DriverStatement:

@@ -8,8 +8,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import inspect, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session
 
 from consent_registry import db
@@ -22,7 +26,7 @@ from consent_registry.db import (
     session_scope,
     write_turn,
 )
-from consent_registry.models import AuditEvent
+from consent_registry.models import AuditEvent, UTCDateTime
 
 EXPECTED_TABLES = {
     "user_account",
@@ -72,6 +76,30 @@ def test_times_are_stored_in_utc_and_read_back_aware(database_url: str) -> None:
             assert read.at == datetime(2026, 3, 29, 0, 30, tzinfo=UTC)
     finally:
         engine.dispose()
+
+
+_SQLITE = sqlite.dialect()
+_OFFSETS = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(2, 1, 1),
+        max_value=datetime(9998, 12, 31),
+        timezones=st.one_of(st.just(UTC), _OFFSETS),
+    )
+)
+def test_sqlite_stores_the_text_sqlalchemys_own_processors_would(written: datetime) -> None:
+    """UTCDateTime binds in one step on SQLite: the stored text, and so every
+    comparison in SQL, must stay what the two processors made."""
+    column = UTCDateTime().dialect_impl(_SQLITE)
+    one_step = column.bind_processor(_SQLITE)
+    two_steps = TypeDecorator.bind_processor(column, _SQLITE)
+    assert one_step is not None and two_steps is not None
+    assert one_step(written) == two_steps(written)
+    assert one_step(None) is None
+    with pytest.raises(ValueError, match="naive datetimes"):
+        one_step(written.replace(tzinfo=None))
 
 
 def test_naive_datetimes_are_refused(database_url: str) -> None:
