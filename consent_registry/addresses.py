@@ -26,6 +26,9 @@ MAX_ADDRESS_OCTETS = 254
 # RFC 5322 atext plus '.', and (RFC 6531) any non-ASCII character.
 _LOCAL_ALLOWED = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.\-\u0080-\U0010FFFF]+$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# White space as str.isspace() has it, and the C0 controls and DEL. A pattern,
+# not a test per character: addresses are parsed several times a message.
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 class AddressError(ValueError):
@@ -51,7 +54,7 @@ def parse_address(text: str) -> Address:
         written = written[1:-1]
     if not written:
         raise AddressError("the address is empty")
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in written):
+    if _SPACE_OR_CONTROL.search(written):
         raise AddressError("the address contains white space or control characters")
     if written.startswith("@") or ":" in written:
         raise AddressError("source-routed addresses are not accepted")

@@ -103,6 +103,8 @@ class SubmissionEnvelope(Envelope):
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _PLAIN_PATH = re.compile(rf"<(({_ATEXT}(?:\.{_ATEXT})*)@{_LABEL}(?:\.{_LABEL})*)>")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the C0 controls and DEL
+_END_OF_DATA = b".\r\n"
 
 
 class _TlsLayer:
@@ -153,6 +155,34 @@ class CommandLines(asyncio.StreamReader):
         if not self._refusing:
             super().feed_data(data)
 
+    def buffered_lines(self, last: bytes) -> list[bytes]:
+        """The lines already here, as ``readuntil(b"\\r\\n")`` would return them
+        one by one, up to and including the first line that is ``last``.
+
+        DATA takes them without an await each: a 4 KB message is about sixty
+        lines, and the reader's machinery per line was a tenth of a worker's
+        time. A line past the reader's limit, and what follows it, stay for
+        ``readuntil`` (and its LimitOverrunError), as does all after ``last``.
+        """
+        buffer: bytearray = self._buffer  # type: ignore[attr-defined]
+        limit: int = self._limit  # type: ignore[attr-defined]
+        lines: list[bytes] = []
+        start = 0
+        while True:
+            end = buffer.find(b"\r\n", start)
+            if end < 0 or end - start > limit:
+                break
+            line = bytes(buffer[start : end + 2])
+            lines.append(line)
+            start = end + 2
+            if line == last:
+                break
+        if start:
+            del buffer[:start]
+            self._last = b"\n"
+            self._maybe_resume_transport()  # type: ignore[attr-defined]
+        return lines
+
 
 class SubmissionProtocol(SMTP):
     # RFC 5321 4.5.3.1.6: a text line is at most 1,000 octets with its CRLF
@@ -199,7 +229,7 @@ class SubmissionProtocol(SMTP):
         pass on an address the client never wrote; it fails on a lone ``<``
         (IndexError) and on ``<a@[`` (AttributeError).
         """
-        if arg.lstrip().startswith("<@") or any(ord(c) < 32 or ord(c) == 127 for c in arg):
+        if arg.lstrip().startswith("<@") or _CONTROL.search(arg):
             return None, None
         plain = _PLAIN_PATH.match(arg)
         rest = arg[plain.end() :].lstrip(" \t") if plain else ""
@@ -391,15 +421,23 @@ class SubmissionProtocol(SMTP):
         """
         limit = self.data_size_limit
         size, refusal, mid_line = 0, None, False
+        reader = cast(CommandLines, self._reader)
+        arrived: collections.deque[bytes] = collections.deque()
         while self.transport is not None:
-            try:
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.CancelledError:
-                self._writer.close()  # the connection was lost during DATA
-                raise
-            except asyncio.LimitOverrunError as exc:
-                line = await self._reader.read(exc.consumed)
-            if not mid_line and line == b".\r\n":
+            if arrived:
+                line = arrived.popleft()
+            else:
+                try:
+                    line = await reader.readuntil(b"\r\n")
+                except asyncio.CancelledError:
+                    self._writer.close()  # the connection was lost during DATA
+                    raise
+                except asyncio.LimitOverrunError as exc:
+                    line = await reader.read(exc.consumed)
+                else:
+                    if line != _END_OF_DATA:  # after the end, the next command waits
+                        arrived.extend(reader.buffered_lines(_END_OF_DATA))
+            if not mid_line and line == _END_OF_DATA:
                 break
             mid_line = not line.endswith(b"\r\n")
             size += len(line)

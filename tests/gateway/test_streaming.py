@@ -7,6 +7,9 @@
   unusable or oversized header, is caught and nothing is left in the spool.
 - ``dot_stuffed`` writes DATA for the next hop in pieces, with the same
   transparency as writing it whole.
+- ``CommandLines.buffered_lines`` hands DATA the lines already received
+  exactly as one ``readuntil`` after another would, and leaves what follows
+  the end of data for the next command.
 - ``OctetBudget`` lets small messages share the budget, makes large ones wait
   in order, and lets one larger than the budget go alone.
 """
@@ -23,13 +26,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from consent_registry.db import session_scope
 from gateway.budget import MachineTurn, OctetBudget
 from gateway.crypto_at_rest import CHUNK_SIZE, StorageKey
 from gateway.intake import HEADER_LIMIT, HeaderTooLarge, IncomingMessage
+from gateway.smtp import CommandLines
 from gateway.smtp_client import dot_stuffed
 from gateway.spool import INLINE_LIMIT, FileSpool, store_inline
 from tests.spools import file_spool
@@ -267,3 +271,51 @@ def test_a_large_delivery_waits_for_another_worker_process_holding_the_machine_t
     finally:
         other.kill()
         other.wait()
+
+
+_END = b".\r\n"
+
+
+async def _data_lines(stream: bytes, limit: int, drain: bool) -> tuple[list[bytes], bytes]:
+    """DATA's lines from ``stream`` (as ``SubmissionProtocol._receive`` reads
+    them, with or without ``buffered_lines``) up to the end of data, and what
+    is left for the next command."""
+    reader = CommandLines(limit=limit)
+    reader.feed_data(stream)
+    reader.feed_eof()
+    lines: list[bytes] = []
+    waiting: list[bytes] = []
+    mid_line = False
+    while True:
+        if waiting:
+            line = waiting.pop(0)
+        else:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                line = await reader.read(exc.consumed)
+            except asyncio.IncompleteReadError:
+                break
+            else:
+                if drain and line != _END:
+                    waiting.extend(reader.buffered_lines(_END))
+        lines.append(line)
+        if not mid_line and line == _END:
+            break
+        mid_line = not line.endswith(b"\r\n")
+    assert not waiting
+    return lines, await reader.read()
+
+
+@given(
+    st.lists(st.sampled_from([b"a", b"bc", b"\r", b"\n", b".", b"\r\n", _END]), max_size=60),
+    st.integers(3, 12),
+)
+@example([b"a", b"\r\n", b"bc" * 3, b"\r\n", _END, b"a"], 5)  # a line one octet past the limit
+@example([b"a", b"\r\n", b"bc" * 2, b"a", b"\r\n", _END, b"a"], 5)  # and one at it
+@settings(max_examples=300)
+def test_buffered_lines_are_the_lines_readuntil_returns(pieces: list[bytes], limit: int) -> None:
+    stream = b"".join(pieces)
+    one_by_one = asyncio.run(_data_lines(stream, limit, drain=False))
+    drained = asyncio.run(_data_lines(stream, limit, drain=True))
+    assert drained == one_by_one
