@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 from policies.decision import Decision, Outcome, Protection, Reason
 from policies.facts import (
@@ -37,6 +38,12 @@ class RecipientCase:
     recipient: RecipientFacts
     settings: PolicySettings
     now: datetime
+
+    @cached_property
+    def active_relationships(self) -> tuple[RelationshipFact, ...]:
+        """The acting clinicians' active relationships with the patient: three
+        rules ask, so they are worked out once per decision."""
+        return tuple(_relationships_in(self, RelationshipStatus.ACTIVE))
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def _relationships_in(case: RecipientCase, status: RelationshipStatus) -> list[R
 
 
 def _active_clinicians(case: RecipientCase) -> frozenset[str]:
-    return frozenset(r.clinician for r in _relationships_in(case, RelationshipStatus.ACTIVE))
+    return frozenset(r.clinician for r in case.active_relationships)
 
 
 def _no_relationship(case: RecipientCase) -> Verdict | None:
@@ -185,7 +192,7 @@ def _protected_delivery(case: RecipientCase) -> Verdict | None:
 
 def _relationship_id(case: RecipientCase) -> int | None:
     """The active relationship the decision rests on (the newest, if several)."""
-    ids = [r.relationship_id for r in _relationships_in(case, RelationshipStatus.ACTIVE)]
+    ids = [r.relationship_id for r in case.active_relationships]
     return max(ids) if ids else None
 
 
