@@ -29,17 +29,15 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are not stored; pass an aware UTC time")
-        value = value.astimezone(UTC)
+        value = _in_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
         """On SQLite, the stored text in one step: the same text as
         ``process_bind_param`` and SQLite's own ``DATETIME`` processor make
-        together (``YYYY-MM-DD HH:MM:SS.ffffff``), in a fifth of the time.
-        The writer binds about eleven times a message; through the two
-        processors that was a tenth of its time."""
+        together (``YYYY-MM-DD HH:MM:SS.ffffff``), with one ``isoformat``
+        instead of its dict of fields and ``%`` formatting. The writer binds
+        about eleven times a message."""
         if dialect.name != "sqlite":
             return super().bind_processor(dialect)
         return _sqlite_text
@@ -54,11 +52,16 @@ class UTCDateTime(TypeDecorator[datetime]):
 def _sqlite_text(value: datetime | None) -> str | None:
     if value is None:
         return None
-    if value.tzinfo is not UTC:
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are not stored; pass an aware UTC time")
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+    return _in_utc(value).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _in_utc(value: datetime) -> datetime:
+    """``value`` in UTC; a naive time is refused, never guessed at."""
+    if value.tzinfo is UTC:
+        return value
+    if value.tzinfo is None:
+        raise ValueError("naive datetimes are not stored; pass an aware UTC time")
+    return value.astimezone(UTC)
 
 
 def _utc_column(nullable: bool = False, index: bool = False) -> Any:
