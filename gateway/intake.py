@@ -133,6 +133,21 @@ class IncomingMessage:
             else:
                 self._header.append(line)
 
+    def add_lines(self, lines: list[bytes]) -> None:
+        """``add`` for each of ``lines``; the body's lines are kept in one step.
+
+        DATA hands over the lines that arrived together, about sixty for
+        4 KB: one step for the body instead of one for each of its lines.
+        """
+        taken = 0
+        while taken < len(lines) and (self._in_header or self.spoiled):
+            self.add(lines[taken])
+            taken += 1
+        if taken < len(lines):
+            self._body += b"".join(lines[taken:] if taken else lines)
+            if len(self._body) >= _WRITE_SIZE:
+                self._write_body()
+
     def end(self) -> None:
         """DATA is complete (a message without an empty line is all header)."""
         if self._in_header and not self.spoiled:

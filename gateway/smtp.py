@@ -185,6 +185,61 @@ class CommandLines(asyncio.StreamReader):
         return lines
 
 
+class _DataReceipt:
+    """DATA's lines as they are read: the running size, the refusal once a
+    limit is passed, and whether the last piece ended its line.
+
+    ``take`` is the rule, line by line and in aiosmtpd's order: a line cut
+    at the reader's limit, the size, a long line. ``take_lines`` takes the
+    lines read together at once when none of them can pass a limit (nearly
+    always): the same outcome, for about a tenth of the Python steps.
+    """
+
+    def __init__(self, message: IncomingMessage, size_limit: int | None, line_limit: int) -> None:
+        self.message = message
+        self.size_limit = size_limit
+        self.line_limit = line_limit
+        self.size = 0
+        self.refusal: str | None = None
+        self.mid_line = False
+
+    def take_lines(self, lines: list[bytes]) -> bool:
+        """Whole lines (each ending in CRLF; the end of data only last): True at the end."""
+        ended = lines[-1] == _END_OF_DATA
+        content = lines[:-1] if ended else lines
+        size = self.size + sum(map(len, content))
+        if (
+            self.refusal is not None
+            or self.mid_line
+            or (self.size_limit and size > self.size_limit)
+            or max(map(len, content), default=0) > self.line_limit
+        ):
+            return any(self.take(line) for line in lines)
+        self.size = size
+        self.message.add_lines([line[1:] if line[:1] == b"." else line for line in content])
+        return ended
+
+    def take(self, line: bytes) -> bool:
+        """One line, or one piece of an overlong line: True at the end of data."""
+        if not self.mid_line and line == _END_OF_DATA:
+            return True
+        self.mid_line = not line.endswith(b"\r\n")
+        self.size += len(line)
+        if self.refusal is not None:
+            return False
+        if self.mid_line:
+            self.refusal = _LINE_TOO_LONG
+        elif self.size_limit and self.size > self.size_limit:
+            self.refusal = "552 Error: Too much mail data"
+        elif len(line) > self.line_limit:
+            self.refusal = _LINE_TOO_LONG
+        else:
+            self.message.add(line[1:] if line.startswith(b".") else line)
+            return False
+        self.message.discard()  # the disk space back now, not at the end of DATA
+        return False
+
+
 class SubmissionProtocol(SMTP):
     # RFC 5321 4.5.3.1.6: a text line is at most 1,000 octets with its CRLF
     # (aiosmtpd's default allows 1,001).
@@ -420,44 +475,25 @@ class SubmissionProtocol(SMTP):
         comes after the data, as RFC 5321 4.2.5 implies. The tail of an
         overlong line is never taken for the lone dot, even when it is one.
         """
-        limit = self.data_size_limit
-        size, refusal, mid_line = 0, None, False
+        receipt = _DataReceipt(message, self.data_size_limit, self.line_length_limit)
         reader = cast(CommandLines, self._reader)
-        arrived: collections.deque[bytes] = collections.deque()
-        while self.transport is not None:
-            if arrived:
-                line = arrived.popleft()
-            else:
-                try:
-                    line = await reader.readuntil(b"\r\n")
-                except asyncio.CancelledError:
-                    self._writer.close()  # the connection was lost during DATA
-                    raise
-                except asyncio.LimitOverrunError as exc:
-                    line = await reader.read(exc.consumed)
-                else:
-                    if line != _END_OF_DATA:  # after the end, the next command waits
-                        arrived.extend(reader.buffered_lines(_END_OF_DATA))
-            if not mid_line and line == _END_OF_DATA:
-                break
-            mid_line = not line.endswith(b"\r\n")
-            size += len(line)
-            if refusal is not None:
+        ended = False
+        while not ended and self.transport is not None:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                self._writer.close()  # the connection was lost during DATA
+                raise
+            except asyncio.LimitOverrunError as exc:
+                ended = receipt.take(await reader.read(exc.consumed))
                 continue
-            # In aiosmtpd's order: a line cut at the reader's limit, the size, a long line.
-            if mid_line:
-                refusal = _LINE_TOO_LONG
-            elif limit and size > limit:
-                refusal = "552 Error: Too much mail data"
-            elif len(line) > self.line_length_limit:
-                refusal = _LINE_TOO_LONG
+            if line == _END_OF_DATA:  # after the end, the next command waits
+                ended = receipt.take(line)
             else:
-                message.add(line[1:] if line.startswith(b".") else line)
-                continue
-            message.discard()  # the disk space back now, not at the end of DATA
-        if refusal is None:
+                ended = receipt.take_lines([line, *reader.buffered_lines(_END_OF_DATA)])
+        if receipt.refusal is None:
             message.end()
-        return refusal
+        return receipt.refusal
 
     async def push(self, status: Any) -> None:
         if self.transport is None or self.transport.is_closing():

@@ -9,7 +9,9 @@
   transparency as writing it whole.
 - ``CommandLines.buffered_lines`` hands DATA the lines already received
   exactly as one ``readuntil`` after another would, and leaves what follows
-  the end of data for the next command.
+  the end of data for the next command; taking them together
+  (``_DataReceipt.take_lines``) stores and refuses exactly what taking them
+  one by one does.
 - ``OctetBudget`` lets small messages share the budget, makes large ones wait
   in order, and lets one larger than the budget go alone.
 """
@@ -33,7 +35,7 @@ from consent_registry.db import session_scope
 from gateway.budget import MachineTurn, OctetBudget
 from gateway.crypto_at_rest import CHUNK_SIZE, StorageKey
 from gateway.intake import HEADER_LIMIT, HeaderTooLarge, IncomingMessage
-from gateway.smtp import CommandLines
+from gateway.smtp import _END_OF_DATA, CommandLines, _DataReceipt
 from gateway.smtp_client import dot_stuffed
 from gateway.spool import INLINE_LIMIT, FileSpool, store_inline
 from tests.spools import file_spool
@@ -319,3 +321,74 @@ def test_buffered_lines_are_the_lines_readuntil_returns(pieces: list[bytes], lim
     one_by_one = asyncio.run(_data_lines(stream, limit, drain=False))
     drained = asyncio.run(_data_lines(stream, limit, drain=True))
     assert drained == one_by_one
+
+
+_DATA_LINES = [
+    b"From: a@x\r\n",
+    b"X: y\r\n",
+    b"\r\n",
+    b"..dot\r\n",
+    b".x\r\n",
+    b"body\r\n",
+    b"a\nb\r\n",  # bare LF
+    b"c\rd\r\n",  # bare CR
+    b"Not a header\r\n",
+    b"y" * 998 + b"\r\n",  # at the line limit
+    b"z" * 999 + b"\r\n",  # one past it
+]
+
+
+_MESSAGE_IDS = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def receipt_spool(tmp_path_factory: pytest.TempPathFactory) -> FileSpool:
+    return file_spool(tmp_path_factory.mktemp("receipt") / "spool", KEY)
+
+
+def _taken(
+    spool: FileSpool, batches: list[list[bytes]], size_limit: int | None, together: bool
+) -> tuple[str | None, int, str | None, bool, bytes | None]:
+    """What DATA's batches came to: the refusal, the size counted, the bare
+    line ending, whether the header was usable, and the content kept."""
+    message = IncomingMessage(spool.writer(f"M{next(_MESSAGE_IDS)}"), _stamp)
+    receipt = _DataReceipt(message, size_limit, 1000)
+    for batch in batches:
+        if receipt.take_lines(batch) if together else any(map(receipt.take, batch)):
+            break
+    else:
+        raise AssertionError("the end of data was not seen")
+    if receipt.refusal is None:
+        message.end()
+    kept = None
+    if receipt.refusal is None and not message.spoiled:
+        message.writer.close(sync=False)
+        kept = message.writer.content()
+        assert kept is not None  # each message here is under the inline limit
+    message.discard()
+    return receipt.refusal, receipt.size, message.line_ending, message.header_error is None, kept
+
+
+@given(
+    lines=st.lists(st.sampled_from(_DATA_LINES), max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=6),
+    size_limit=st.sampled_from([None, 0, 50, 1200, 3000]),
+)
+@example(lines=[b"X: y\r\n", b"\r\n", b"..dot\r\n", b".x\r\n"], cuts=[1], size_limit=None)
+@example(lines=[b"From: a@x\r\n", b"\r\n", b"y" * 998 + b"\r\n"], cuts=[], size_limit=None)
+@example(lines=[b"From: a@x\r\n", b"\r\n", b"z" * 999 + b"\r\n"], cuts=[], size_limit=None)
+@example(lines=[b"From: a@x\r\n", b"\r\n", b"body\r\n"], cuts=[], size_limit=18)
+@example(lines=[b"From: a@x\r\n", b"\r\n", b"body\r\n"], cuts=[], size_limit=19)
+@settings(max_examples=150, deadline=None)
+def test_lines_taken_together_are_stored_and_refused_as_taken_one_by_one(
+    receipt_spool: FileSpool,
+    lines: list[bytes],
+    cuts: list[int],
+    size_limit: int | None,
+) -> None:
+    data = [*lines, _END_OF_DATA]
+    points = sorted({0, len(data), *(c % len(data) for c in cuts)})
+    batches = [data[a:b] for a, b in itertools.pairwise(points)]
+    assert _taken(receipt_spool, batches, size_limit, together=True) == _taken(
+        receipt_spool, batches, size_limit, together=False
+    )
