@@ -64,9 +64,8 @@ class Writes(Protocol):
         """Run ``work`` in a write transaction; return once it is committed."""
         ...
 
-    def submit(self, work: Callable[[Session], T]) -> Future[T]:
-        """``work``'s result once committed, for callers that must not block
-        (the event loop awaits it with ``asyncio.wrap_future``)."""
+    async def commit(self, work: Callable[[Session], T]) -> T:
+        """``run`` for the event loop: awaited, never blocking it."""
         ...
 
 
@@ -80,14 +79,9 @@ class DirectWrites:
         with session_scope(self.engine) as session:
             return work(session)
 
-    def submit(self, work: Callable[[Session], T]) -> Future[T]:
-        """Committed before it returns (in the caller's thread, as ``run``)."""
-        done: Future[T] = Future()
-        try:
-            done.set_result(self.run(work))
-        except Exception as exc:
-            done.set_exception(exc)
-        return done
+    async def commit(self, work: Callable[[Session], T]) -> T:
+        """Committed before it returns (on the caller's thread, as ``run``)."""
+        return self.run(work)
 
 
 @dataclass
@@ -108,6 +102,12 @@ class GroupCommit:
         self._thread = threading.Thread(target=self._write, name="cgw-writer", daemon=True)
         self._thread.start()
 
+    def run(self, work: Callable[[Session], T]) -> T:
+        return self.submit(work).result()
+
+    async def commit(self, work: Callable[[Session], T]) -> T:
+        return await asyncio.wrap_future(self.submit(work))
+
     def submit(self, work: Callable[[Session], T]) -> Future[T]:
         """``work``'s result once committed, for callers that must not block."""
         pending = _Pending(work)
@@ -116,9 +116,6 @@ class GroupCommit:
                 raise RuntimeError("the writer is closed")
             self._pending.put(pending)
         return pending.done
-
-    def run(self, work: Callable[[Session], T]) -> T:
-        return self.submit(work).result()
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what was submitted, then end the writer thread.
@@ -138,7 +135,7 @@ class GroupCommit:
                 left = self._pending.get_nowait()
             except queue.Empty:
                 return
-            if left is not None:
+            if left is not None and not left.done.done():
                 left.done.set_exception(RuntimeError("the writer stopped before this commit"))
 
     def _write(self) -> None:
@@ -162,10 +159,7 @@ class GroupCommit:
             except BaseException as exc:  # never leave a caller waiting
                 outcomes = [(False, exc)] * len(batch)
             for pending, (ok, value) in zip(batch, outcomes, strict=True):
-                if ok:
-                    pending.done.set_result(value)
-                else:
-                    pending.done.set_exception(value)
+                _settle(pending.done, ok, value)
             if closing:
                 return
 
@@ -219,6 +213,17 @@ def _commit_alone(engine: Engine, work: Callable[[Session], Any]) -> Outcome:
         return (False, exc)
 
 
+def _settle(future: Future[Any] | asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """A commit's outcome to its caller, unless the caller stopped waiting
+    (a cancelled wait: the commit stands, its result is not wanted)."""
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
 # A frame: its length (4 octets, network order), then a pickle.
 _LENGTH = struct.Struct("!I")
 
@@ -239,15 +244,17 @@ def _frame(item: object) -> bytes:
 class RemoteWrites:
     """Transactions sent to the writer process (``serve_writes``) over a socket.
 
-    ``submit`` (from any thread) pickles the work and sends it; the replies
-    (result or exception) are read on the event loop the instance was made
-    on, which hands each to its caller's future. (A reader thread of its
-    own woke twice per message, waited for the GIL the loop held and handed
-    each reply back through ``call_soon_threadsafe``; measured, the loop
-    reading them costs a worker a few per cent less CPU per message.) So
-    ``run``, which blocks until the reply, is for threads other than the
-    loop's. When the writer is gone, what waits fails with ``WriterGone``,
-    and so does every later submission: the caller answers 451, never 250.
+    ``submit`` and ``run`` (from any thread but the loop's) and ``commit``
+    (on the loop) pickle the work and send it; the replies (result or exception) are read
+    on the event loop the instance was made on, which hands each to its
+    caller's future. (A reader thread of its own woke twice per message,
+    waited for the GIL the loop held and handed each reply back through
+    ``call_soon_threadsafe``; measured, the loop reading them costs a worker
+    a few per cent less CPU per message.) ``commit`` waits on a future of
+    the loop's own, which the reply settles directly: no thread-safe
+    future, no wake-up of the loop by itself. When the writer is gone,
+    what waits fails with ``WriterGone``, and so does every later
+    submission: the caller answers 451, never 250.
     """
 
     def __init__(self, connection: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
@@ -256,7 +263,7 @@ class RemoteWrites:
         self._loop = loop
         self._sending = threading.Lock()
         self._guard = threading.Lock()  # _pending and _gone
-        self._pending: dict[int, Future[Any]] = {}
+        self._pending: dict[int, Future[Any] | asyncio.Future[Any]] = {}
         self._gone = False
         self._ids = itertools.count()
         self._replies = _Frames(connection)
@@ -264,7 +271,22 @@ class RemoteWrites:
         loop.add_reader(connection, self._receive)
 
     def submit(self, work: Callable[[Session], T]) -> Future[T]:
-        future: Future[T] = Future()
+        """``work``'s result once committed, for a thread other than the loop's."""
+        done: Future[T] = Future()
+        self._send(work, done)
+        return done
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        return self.submit(work).result()
+
+    async def commit(self, work: Callable[[Session], T]) -> T:
+        if asyncio.get_running_loop() is not self._loop:
+            return await asyncio.to_thread(self.run, work)
+        done: asyncio.Future[T] = self._loop.create_future()
+        self._send(work, done)
+        return await done
+
+    def _send(self, work: Callable[[Session], T], future: Future[T] | asyncio.Future[T]) -> None:
         with self._guard:
             if self._gone:
                 raise WriterGone("the writer process is gone")
@@ -280,10 +302,6 @@ class RemoteWrites:
             if isinstance(exc, OSError):
                 raise WriterGone(f"the writer process is gone: {exc}") from exc
             raise
-        return future
-
-    def run(self, work: Callable[[Session], T]) -> T:
-        return self.submit(work).result()
 
     async def close(self) -> None:
         """Send nothing more; wait (up to ``REPLIES_DUE_SECONDS``) for the
@@ -299,10 +317,7 @@ class RemoteWrites:
         for request, ok, value in self._replies.receive():
             with self._guard:
                 future = self._pending.pop(request)
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+            _settle(future, ok, value)
         if not self._replies.open:
             self._stop_reading()
 

@@ -292,8 +292,7 @@ class DeliveryWorker:
                 arrived=message.received_at,
             )
             within = EnqueueReports(self.reports, tuple(reports), now, tuple(batch.inline))
-            finished = self.queue.finish(message, settled, now, self.retry, within)
-            complete = await asyncio.wrap_future(finished)
+            complete = await self.queue.finish(message, settled, now, self.retry, within)
         if not complete:
             return
         try:

@@ -355,7 +355,7 @@ class Intake:
                     tuple(reports),
                     tuple(batch.inline),
                 )
-                claimed = await asyncio.wrap_future(self.writes.submit(queue_it))
+                claimed = await self.writes.commit(queue_it)
         except SpoolFull as exc:
             raise StorageFullError(str(exc)) from exc
         except OperationalError as exc:

@@ -17,7 +17,6 @@ import random
 import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -369,16 +368,16 @@ class QueueStore:
             return []
         return self.writes.run(ClaimDue(self.instance, self.lease, now, messages))
 
-    def finish(
+    async def finish(
         self,
         claimed: ClaimedMessage,
         results: dict[str, RecipientResult],
         now: datetime,
         retry: RetryPolicy,
         within: Callable[[Session], None] | None = None,
-    ) -> Future[bool]:
+    ) -> bool:
         """Record settled results (see ``settle``); True when the message is
-        complete, once committed (a future: delivery awaits it on its loop).
+        complete, once committed (awaited on delivery's event loop).
 
         ``within`` adds to the same transaction (the bounce for these results);
         like the transaction itself, it must pickle (see ``ClaimDue``).
@@ -386,7 +385,9 @@ class QueueStore:
         assert self.audit is not None, "a delivering queue writes the audit log"
         # The transaction needs the rows, not the message: no copy of it to the writer.
         rows = replace(claimed, content=None)
-        return self.writes.submit(FinishDelivery(self.audit, rows, results, now, retry, within))
+        return await self.writes.commit(
+            FinishDelivery(self.audit, rows, results, now, retry, within)
+        )
 
     @staticmethod
     def close_if_complete(session: Session, message_id: str, now: datetime) -> bool:

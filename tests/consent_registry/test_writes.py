@@ -146,6 +146,19 @@ def test_close_commits_what_was_submitted_and_refuses_more(engine: Engine) -> No
         writes.submit(_insert(9))
 
 
+def test_a_wait_given_up_before_its_commit_does_not_stop_the_writer(engine: Engine) -> None:
+    writes = GroupCommit(engine)
+    try:
+        release, _busy = _held_writer(writes)
+        given_up = writes.submit(_insert(1))  # e.g. a delivery cancelled at shutdown
+        assert given_up.cancel()
+        release.set()
+        writes.submit(_insert(2)).result(30)  # the writer thread is still there
+        assert _stored(engine) == [1, 2]  # the commit stands though nobody waits for it
+    finally:
+        writes.close()
+
+
 def test_direct_writes_commit_in_the_callers_thread(engine: Engine) -> None:
     caller = threading.get_ident()
     ran_in = DirectWrites(engine).run(lambda _session: threading.get_ident())
@@ -165,12 +178,20 @@ class Insert:
         return self.n * 10
 
 
+class _Clients(list[RemoteWrites]):
+    """The clients of one test, and the event loop (of its own thread) they read on."""
+
+    def __init__(self, clients: list[RemoteWrites], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(clients)
+        self.loop = loop
+
+
 @contextlib.contextmanager
-def _remote_writes(connections: list[socket.socket]) -> Iterator[list[RemoteWrites]]:
+def _remote_writes(connections: list[socket.socket]) -> Iterator[_Clients]:
     """A ``RemoteWrites`` per connection, reading its replies on an event loop
     of its own thread, as a worker's do on the worker's loop; closed at the end."""
     loop = asyncio.new_event_loop()
-    clients = [RemoteWrites(connection, loop) for connection in connections]
+    clients = _Clients([RemoteWrites(connection, loop) for connection in connections], loop)
     thread = threading.Thread(target=loop.run_forever)
     thread.start()
     try:
@@ -184,7 +205,7 @@ def _remote_writes(connections: list[socket.socket]) -> Iterator[list[RemoteWrit
 
 
 @contextlib.contextmanager
-def _writer_service(engine: Engine, count: int) -> Iterator[list[RemoteWrites]]:
+def _writer_service(engine: Engine, count: int) -> Iterator[_Clients]:
     """``serve_writes`` in a thread, as the writer process runs it, with ``count`` clients."""
     pairs = [socket.socketpair() for _ in range(count)]
     service = threading.Thread(target=serve_writes, args=(engine, [p[1] for p in pairs]))
@@ -207,6 +228,26 @@ def test_remote_writes_from_two_processes_commit_and_answer_each(engine: Engine)
         assert first.run(Insert(40)) == 400  # and the connection goes on
     assert results == [n * 10 for n in range(20)]
     assert _stored(engine) == [*range(20), 40]
+
+
+def test_commit_on_the_loop_is_settled_there_and_a_wait_given_up_stops_nothing(
+    engine: Engine,
+) -> None:
+    with _writer_service(engine, 1) as clients:
+        (client,) = clients
+
+        async def scenario() -> tuple[list[int], list[dict[str, object]]]:
+            faults: list[dict[str, object]] = []
+            asyncio.get_running_loop().set_exception_handler(lambda _loop, c: faults.append(c))
+            given_up = asyncio.ensure_future(client.commit(Insert(1)))
+            await asyncio.sleep(0)  # sent; its reply is still to come
+            given_up.cancel()
+            return [await client.commit(Insert(2)), await client.commit(Insert(3))], faults
+
+        results, faults = asyncio.run_coroutine_threadsafe(scenario(), clients.loop).result(30)
+    assert results == [20, 30]
+    assert faults == []  # the reply for the abandoned wait was dropped, not raised
+    assert _stored(engine) == [1, 2, 3]
 
 
 def test_work_that_does_not_pickle_fails_at_the_caller_and_nothing_is_sent(

@@ -136,9 +136,12 @@ class _GatedWrites:
         self.go = threading.Event()
 
     def run(self, work: Callable[[Session], T]) -> T:
-        return self.submit(work).result(30)
+        return self._submit(work).result(30)
 
-    def submit(self, work: Callable[[Session], T]) -> Future[T]:
+    async def commit(self, work: Callable[[Session], T]) -> T:
+        return await asyncio.wrap_future(self._submit(work))
+
+    def _submit(self, work: Callable[[Session], T]) -> Future[T]:
         def gated() -> None:
             self.entered.set()
             self.go.wait(10)
