@@ -135,8 +135,8 @@ class GroupCommit:
                 left = self._pending.get_nowait()
             except queue.Empty:
                 return
-            if left is not None and not left.done.done():
-                left.done.set_exception(RuntimeError("the writer stopped before this commit"))
+            if left is not None:
+                _settle(left.done, False, RuntimeError("the writer stopped before this commit"))
 
     def _write(self) -> None:
         while True:
@@ -280,8 +280,7 @@ class RemoteWrites:
         return self.submit(work).result()
 
     async def commit(self, work: Callable[[Session], T]) -> T:
-        if asyncio.get_running_loop() is not self._loop:
-            return await asyncio.to_thread(self.run, work)
+        """On the instance's loop (a future of another loop's cannot be awaited)."""
         done: asyncio.Future[T] = self._loop.create_future()
         self._send(work, done)
         return await done
@@ -331,8 +330,7 @@ class RemoteWrites:
             self._gone = True
             pending, self._pending = self._pending, {}
         for future in pending.values():
-            if not future.done():
-                future.set_exception(WriterGone("the writer process stopped before this commit"))
+            _settle(future, False, WriterGone("the writer process stopped before this commit"))
 
 
 def serve_writes(
