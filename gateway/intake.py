@@ -121,9 +121,7 @@ class IncomingMessage:
                 self.line_ending = bare_line_ending(line)
             return
         if not self._in_header:
-            self._body += line
-            if len(self._body) >= _WRITE_SIZE:
-                self._write_body()
+            self._keep_body(line)
         elif line == CRLF:
             self._end_header()
         else:
@@ -144,9 +142,7 @@ class IncomingMessage:
             self.add(lines[taken])
             taken += 1
         if taken < len(lines):
-            self._body += b"".join(lines[taken:] if taken else lines)
-            if len(self._body) >= _WRITE_SIZE:
-                self._write_body()
+            self._keep_body(b"".join(lines[taken:]))
 
     def end(self) -> None:
         """DATA is complete (a message without an empty line is all header)."""
@@ -173,6 +169,12 @@ class IncomingMessage:
             self._spoil(header_error=exc)
             return
         self._write(self.stamped_header)
+
+    def _keep_body(self, data: bytes) -> None:
+        """Body octets held until there are ``_WRITE_SIZE`` of them to write."""
+        self._body += data
+        if len(self._body) >= _WRITE_SIZE:
+            self._write_body()
 
     def _write_body(self) -> None:
         chunk = bytes(self._body)

@@ -217,7 +217,7 @@ class _DataReceipt:
         ):
             return any(self.take(line) for line in lines)
         self.size = size
-        self.message.add_lines([line[1:] if line[:1] == b"." else line for line in content])
+        self.message.add_lines([line[1:] if line.startswith(b".") else line for line in content])
         return ended
 
     def take(self, line: bytes) -> bool:
