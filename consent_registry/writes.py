@@ -58,14 +58,23 @@ log = logging.getLogger(__name__)
 # that one slow batch does not hold everyone's reply for long.
 BATCH_LIMIT = 64
 
+# How long a deferrable transaction may wait to travel to the writer process
+# with the next one (``RemoteWrites.commit``).
+DEFER_SECONDS = 0.005
+
 
 class Writes(Protocol):
     def run(self, work: Callable[[Session], T]) -> T:
         """Run ``work`` in a write transaction; return once it is committed."""
         ...
 
-    async def commit(self, work: Callable[[Session], T]) -> T:
-        """``run`` for the event loop: awaited, never blocking it."""
+    async def commit(self, work: Callable[[Session], T], deferrable: bool = False) -> T:
+        """``run`` for the event loop: awaited, never blocking it.
+
+        ``deferrable``: the caller does not mind the transaction starting a
+        few milliseconds later (a delivery result, where nobody waits for a
+        reply); it may then wait to be sent with the next one.
+        """
         ...
 
 
@@ -79,7 +88,7 @@ class DirectWrites:
         with session_scope(self.engine) as session:
             return work(session)
 
-    async def commit(self, work: Callable[[Session], T]) -> T:
+    async def commit(self, work: Callable[[Session], T], deferrable: bool = False) -> T:
         """Committed before it returns (on the caller's thread, as ``run``)."""
         return self.run(work)
 
@@ -105,7 +114,7 @@ class GroupCommit:
     def run(self, work: Callable[[Session], T]) -> T:
         return self.submit(work).result()
 
-    async def commit(self, work: Callable[[Session], T]) -> T:
+    async def commit(self, work: Callable[[Session], T], deferrable: bool = False) -> T:
         return await asyncio.wrap_future(self.submit(work))
 
     def submit(self, work: Callable[[Session], T]) -> Future[T]:
@@ -252,7 +261,12 @@ class RemoteWrites:
     ``call_soon_threadsafe``; measured, the loop reading them costs a worker
     a few per cent less CPU per message.) ``commit`` waits on a future of
     the loop's own, which the reply settles directly: no thread-safe
-    future, no wake-up of the loop by itself. When the writer is gone,
+    future, no wake-up of the loop by itself. A deferrable ``commit`` is
+    held for up to ``DEFER_SECONDS`` and sent with the next transaction
+    (in submission order): each send wakes the writer process, which then
+    takes a core from the SMTP sessions, and delivery results sent on
+    their own were about half of those wake-ups (measured: about 5 % less
+    CPU a message over all processes at 4 KB). When the writer is gone,
     what waits fails with ``WriterGone``, and so does every later
     submission: the caller answers 451, never 250.
     """
@@ -268,6 +282,8 @@ class RemoteWrites:
         self._ids = itertools.count()
         self._replies = _Frames(connection)
         self._ended: asyncio.Future[None] = loop.create_future()  # the writer closed its end
+        self._deferred: list[bytes] = []  # frames waiting for the next send (under _sending)
+        self._deferred_send: asyncio.TimerHandle | None = None  # the latest they go
         loop.add_reader(connection, self._receive)
 
     def submit(self, work: Callable[[Session], T]) -> Future[T]:
@@ -279,13 +295,18 @@ class RemoteWrites:
     def run(self, work: Callable[[Session], T]) -> T:
         return self.submit(work).result()
 
-    async def commit(self, work: Callable[[Session], T]) -> T:
+    async def commit(self, work: Callable[[Session], T], deferrable: bool = False) -> T:
         """On the instance's loop (a future of another loop's cannot be awaited)."""
         done: asyncio.Future[T] = self._loop.create_future()
-        self._send(work, done)
+        self._send(work, done, deferrable)
         return await done
 
-    def _send(self, work: Callable[[Session], T], future: Future[T] | asyncio.Future[T]) -> None:
+    def _send(
+        self,
+        work: Callable[[Session], T],
+        future: Future[T] | asyncio.Future[T],
+        deferrable: bool = False,
+    ) -> None:
         with self._guard:
             if self._gone:
                 raise WriterGone("the writer process is gone")
@@ -294,6 +315,12 @@ class RemoteWrites:
         try:
             data = _frame((request, work))
             with self._sending:
+                if deferrable:
+                    self._defer(data)
+                    return
+                if self._deferred:  # they were submitted first: they go first
+                    data = b"".join([*self._deferred, data])
+                    self._deferred.clear()
                 self._connection.sendall(data)
         except BaseException as exc:
             with self._guard:
@@ -302,9 +329,34 @@ class RemoteWrites:
                 raise WriterGone(f"the writer process is gone: {exc}") from exc
             raise
 
+    def _defer(self, frame: bytes) -> None:
+        """Hold ``frame`` for the next send, or ``DEFER_SECONDS`` at most (on the loop)."""
+        self._deferred.append(frame)
+        if self._deferred_send is None or self._deferred_send.cancelled():
+            self._deferred_send = self._loop.call_later(DEFER_SECONDS, self._send_deferred)
+
+    def _send_deferred(self) -> None:
+        """The held frames, when no other send took them along in time."""
+        self._deferred_send = None
+        with self._sending:
+            data = b"".join(self._deferred)
+            self._deferred.clear()
+            if not data:
+                return
+            try:
+                self._connection.sendall(data)
+            except OSError:  # the writer is gone: what waits for it is failed
+                pass
+            else:
+                return
+        self._stop_reading()
+
     async def close(self) -> None:
         """Send nothing more; wait (up to ``REPLIES_DUE_SECONDS``) for the
         replies still due (on the instance's loop)."""
+        if self._deferred_send is not None:
+            self._deferred_send.cancel()
+        self._send_deferred()
         with self._sending, contextlib.suppress(OSError):
             self._connection.shutdown(socket.SHUT_WR)
         with contextlib.suppress(TimeoutError):
@@ -321,6 +373,10 @@ class RemoteWrites:
             self._stop_reading()
 
     def _stop_reading(self) -> None:
+        if self._deferred_send is not None:
+            self._deferred_send.cancel()
+        with self._sending:
+            self._deferred.clear()  # their callers are failed below, with the rest
         if self._connection.fileno() != -1:
             self._loop.remove_reader(self._connection)
             self._connection.close()

@@ -385,8 +385,9 @@ class QueueStore:
         assert self.audit is not None, "a delivering queue writes the audit log"
         # The transaction needs the rows, not the message: no copy of it to the writer.
         rows = replace(claimed, content=None)
+        # Deferrable: nothing waits for this commit but the delivery slot.
         return await self.writes.commit(
-            FinishDelivery(self.audit, rows, results, now, retry, within)
+            FinishDelivery(self.audit, rows, results, now, retry, within), deferrable=True
         )
 
     @staticmethod

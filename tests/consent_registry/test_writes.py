@@ -11,12 +11,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import cast
 
 import pytest
 from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from consent_registry import writes
 from consent_registry.db import make_engine
 from consent_registry.writes import (
     DirectWrites,
@@ -294,3 +296,84 @@ def test_requests_split_over_reads_or_sharing_one_arrive_whole(engine: Engine) -
     finally:
         service.join(30)
     assert _stored(engine) == [1, 2, 3, 4, 5]
+
+
+def _frames_on(connection: socket.socket) -> list[tuple[int, object]]:
+    """The requests a client sent on ``connection`` so far, in one read: (number, work)."""
+    data = connection.recv(1 << 20, socket.MSG_DONTWAIT)
+    frames = []
+    while data:
+        size = int.from_bytes(data[:4], "big")
+        frames.append(pickle.loads(data[4 : 4 + size]))
+        data = data[4 + size :]
+    return frames
+
+
+def _reply(connection: socket.socket, number: int, value: object) -> None:
+    data = pickle.dumps((number, True, value))
+    connection.sendall(len(data).to_bytes(4, "big") + data)
+
+
+def test_a_deferrable_commit_waits_for_the_next_send_and_goes_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(writes, "DEFER_SECONDS", 60.0)  # only the next send can take it
+    ours, theirs = socket.socketpair()
+    with _remote_writes([ours]) as clients:
+        (client,) = clients
+
+        async def scenario() -> list[int]:
+            held = asyncio.ensure_future(client.commit(Insert(1), deferrable=True))
+            await asyncio.sleep(0)
+            with pytest.raises(BlockingIOError):  # held back: nothing was sent
+                theirs.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            urgent = asyncio.ensure_future(client.commit(Insert(2)))
+            await asyncio.sleep(0)
+            sent = _frames_on(theirs)  # both, in one send, in submission order
+            assert [work for _, work in sent] == [Insert(1), Insert(2)]
+            for number, work in sent:
+                _reply(theirs, number, cast(Insert, work).n * 10)
+            return [await held, await urgent]
+
+        assert asyncio.run_coroutine_threadsafe(scenario(), clients.loop).result(30) == [10, 20]
+    theirs.close()
+
+
+def test_a_deferrable_commit_alone_is_sent_after_a_moment(engine: Engine) -> None:
+    with _writer_service(engine, 1) as clients:
+        (client,) = clients
+        done = asyncio.run_coroutine_threadsafe(
+            client.commit(Insert(1), deferrable=True), clients.loop
+        )
+        assert done.result(30) == 10
+    assert _stored(engine) == [1]
+
+
+def test_closing_sends_what_is_held_and_waits_for_its_reply(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writes, "DEFER_SECONDS", 60.0)
+    with _writer_service(engine, 1) as clients:
+        (client,) = clients
+
+        async def scenario() -> int:
+            held = asyncio.ensure_future(client.commit(Insert(1), deferrable=True))
+            await asyncio.sleep(0)
+            await client.close()
+            return await held
+
+        assert asyncio.run_coroutine_threadsafe(scenario(), clients.loop).result(30) == 10
+    assert _stored(engine) == [1]
+
+
+def test_a_writer_gone_fails_a_held_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writes, "DEFER_SECONDS", 60.0)
+    ours, theirs = socket.socketpair()
+    with _remote_writes([ours]) as clients:
+        (client,) = clients
+        held = asyncio.run_coroutine_threadsafe(
+            client.commit(Insert(1), deferrable=True), clients.loop
+        )
+        theirs.close()  # the writer process died; the held frame never left
+        with pytest.raises(WriterGone):
+            held.result(30)

@@ -138,7 +138,7 @@ class _GatedWrites:
     def run(self, work: Callable[[Session], T]) -> T:
         return self._submit(work).result(30)
 
-    async def commit(self, work: Callable[[Session], T]) -> T:
+    async def commit(self, work: Callable[[Session], T], deferrable: bool = False) -> T:
         return await asyncio.wrap_future(self._submit(work))
 
     def _submit(self, work: Callable[[Session], T]) -> Future[T]:
