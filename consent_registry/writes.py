@@ -264,9 +264,9 @@ class RemoteWrites:
     future, no wake-up of the loop by itself. A deferrable ``commit`` is
     held for up to ``DEFER_SECONDS`` and sent with the next transaction
     (in submission order): each send wakes the writer process, which then
-    takes a core from the SMTP sessions, and delivery results sent on
-    their own were about half of those wake-ups (measured: about 5 % less
-    CPU a message over all processes at 4 KB). When the writer is gone,
+    takes a core from the SMTP sessions; delivery results sent on their
+    own were a third of those wake-ups (measured: 1.75 -> 1.2 a message,
+    about 5 % less CPU a message over all processes at 4 KB). When the writer is gone,
     what waits fails with ``WriterGone``, and so does every later
     submission: the caller answers 451, never 250.
     """
@@ -341,15 +341,15 @@ class RemoteWrites:
         with self._sending:
             data = b"".join(self._deferred)
             self._deferred.clear()
-            if not data:
-                return
             try:
-                self._connection.sendall(data)
-            except OSError:  # the writer is gone: what waits for it is failed
-                pass
+                if data:
+                    self._connection.sendall(data)
+            except OSError:
+                gone = True
             else:
-                return
-        self._stop_reading()
+                gone = False
+        if gone:  # what waits for the writer is failed
+            self._stop_reading()
 
     async def close(self) -> None:
         """Send nothing more; wait (up to ``REPLIES_DUE_SECONDS``) for the
